@@ -1,0 +1,354 @@
+"""D4RL datasets through Minari, with no network needed: names, loading, flattening, DM windows.
+
+    python -m common.datasets maze2d-umaze maze2d-medium maze2d-large   # make / check the datasets
+
+Load order for a dataset: the local Minari store -> a download (only when the remote answers within
+seconds; skipped with offline=True or DYDIFF_OFFLINE=1) -> local generation (PointMaze only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import numpy as np
+
+from common import pointmaze
+from common.envs import register_envs, task_of
+
+OFFLINE_ENV_VAR = "DYDIFF_OFFLINE"
+MUJOCO_TASKS = ("hopper", "halfcheetah", "walker2d")
+MUJOCO_LEVELS = ("simple", "medium", "expert", "medium-expert")
+
+
+def known_env_ids() -> list[str]:
+    """Every D4RL-style --env-id name this project maps to Minari."""
+    names = [f"maze2d-{m}{d}" for m in pointmaze.MAZES for d in ("", "-dense")]
+    names += [f"{t}-{lvl}" for t in MUJOCO_TASKS for lvl in MUJOCO_LEVELS]
+    return names
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What an --env-id stands for: its Minari dataset ids, and how to make it locally if that is possible."""
+
+    env_id: str
+    minari_ids: tuple[str, ...]
+    maze: str | None = None  # PointMaze layout, when the data can be generated locally
+    dense: bool = False
+
+    def local_id(self, num_steps: int = pointmaze.DEFAULT_STEPS, seed: int = pointmaze.DEFAULT_SEED) -> str | None:
+        """Minari id of the locally generated PointMaze dataset (never the official id)."""
+        if self.maze is None:
+            return None
+        tag = "" if (num_steps, seed) == (pointmaze.DEFAULT_STEPS, pointmaze.DEFAULT_SEED) else f"-{num_steps}steps-seed{seed}"
+        return f"local/pointmaze/{self.maze}{'-dense' if self.dense else ''}{tag}-v2"
+
+
+def resolve_env_id(env_id: str) -> DatasetSpec:
+    """Map a D4RL-style name (maze2d-large, hopper-medium-expert, ...) or a raw Minari id to its datasets."""
+    if "/" in env_id:  # a raw Minari id, e.g. mujoco/hopper/medium-v0 or local/pointmaze/large-v2
+        parts = env_id.split("/")
+        if len(parts) >= 3 and parts[-2] == "pointmaze":
+            name = parts[-1].rsplit("-v", 1)[0]
+            maze, dense = name.removesuffix("-dense"), name.endswith("-dense")
+            if maze in pointmaze.MAZES and parts[0] != "local":
+                return DatasetSpec(env_id, (env_id,), maze, dense)
+        return DatasetSpec(env_id, (env_id,))
+    known = ", ".join(known_env_ids())
+    if env_id.startswith("maze2d-"):
+        name = env_id.removeprefix("maze2d-")
+        maze, dense = name.removesuffix("-dense"), name.endswith("-dense")
+        if maze in pointmaze.MAZES:
+            return DatasetSpec(env_id, (f"D4RL/pointmaze/{maze}{'-dense' if dense else ''}-v2",), maze, dense)
+    task, _, level = env_id.partition("-")
+    if task in MUJOCO_TASKS:
+        if level == "medium-replay":
+            raise ValueError(
+                f"--env-id {env_id!r}: Minari has no MuJoCo medium-replay dataset (D4RL's was never ported); "
+                f"pick another level or pass a Minari id with a slash. Known: {known}"
+            )
+        if level == "medium-expert":
+            return DatasetSpec(env_id, (f"mujoco/{task}/medium-v0", f"mujoco/{task}/expert-v0"))
+        if level in MUJOCO_LEVELS:
+            return DatasetSpec(env_id, (f"mujoco/{task}/{level}-v0",))
+    raise ValueError(f"unknown --env-id {env_id!r}; known: {known} (or a Minari dataset id such as mujoco/hopper/medium-v0)")
+
+
+def datasets_root() -> str:
+    """Where Minari keeps datasets on this machine (MINARI_DATASETS_PATH or ~/.minari/datasets)."""
+    from minari.storage import get_dataset_path
+
+    return str(get_dataset_path())
+
+
+def _is_local(dataset_id: str) -> bool:
+    import minari
+
+    return dataset_id in minari.list_local_datasets()
+
+
+def remote_reachable(timeout: float = 3.0) -> bool:
+    """Whether Minari's remote answers a TCP connection within `timeout` seconds."""
+    remote = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
+    if remote.startswith("gcp://"):
+        host = "storage.googleapis.com"
+    else:
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _fetch(spec: DatasetSpec, offline: bool, generate: bool, num_steps: int, seed: int, progress: bool) -> list[str]:
+    """Make every Minari dataset of `spec` available locally; return the ids to load."""
+    import minari
+
+    if all(_is_local(i) for i in spec.minari_ids):
+        return list(spec.minari_ids)
+    local_id = spec.local_id(num_steps, seed)
+    if local_id and _is_local(local_id):
+        return [local_id]
+    if not offline and remote_reachable():
+        try:
+            for i in spec.minari_ids:
+                if not _is_local(i):
+                    minari.download_dataset(i)
+            return list(spec.minari_ids)
+        except Exception as e:  # a failed download falls through to the local fallback
+            print(f"[dydiff] download of {spec.minari_ids} failed: {e}", file=sys.stderr)
+    if local_id and generate:
+        print(
+            f"[dydiff] {spec.minari_ids[0]} is not available offline; generating {local_id} "
+            f"({num_steps:,} steps, seed {seed}) into {datasets_root()} — later runs load it from there.",
+            file=sys.stderr,
+        )
+        pointmaze.generate_dataset(local_id, spec.maze, spec.dense, num_steps, seed, progress)
+        return [local_id]
+    missing = [i for i in spec.minari_ids if not _is_local(i)]
+    raise FileNotFoundError(
+        f"dataset {', '.join(missing)} for --env-id {spec.env_id!r} is not in the local Minari store "
+        f"({datasets_root()}) and could not be downloaded (no network). On a machine with network run "
+        + " && ".join(f"`minari download {i}`" for i in missing)
+        + ", then copy those folders from its Minari store into this one (or point MINARI_DATASETS_PATH at them)."
+    )
+
+
+@dataclass
+class OfflineData:
+    """A dataset flattened for RL, plus the physical segments that DM windows need.
+
+    Observations are what the policy sees: for PointMaze concat(observation, desired_goal). The first
+    `state_dim` entries are the physical state (modelled by the DM and the dynamics ensemble); the rest
+    is task context, constant along a transition. Transitions are stored in dataset order, so a physical
+    segment — consecutive episodes whose first physical state equals the previous episode's last one —
+    is the contiguous range segment_starts[k]:segment_ends[k].
+    """
+
+    env_id: str
+    dataset_ids: tuple[str, ...]
+    task: str
+    observations: np.ndarray  # [N, obs_dim] float32
+    actions: np.ndarray  # [N, A] float32
+    rewards: np.ndarray  # [N] float32
+    next_observations: np.ndarray  # [N, obs_dim] float32
+    terminals: np.ndarray  # [N] bool, true terminations only
+    timeouts: np.ndarray  # [N] bool, truncations
+    state_dim: int
+    episode_starts: np.ndarray  # [E] int64, where each Minari episode begins
+    segment_starts: np.ndarray  # [K] int64
+    segment_ends: np.ndarray  # [K] int64, exclusive
+    ref_min_score: float
+    ref_max_score: float
+    minari_dataset: object = field(repr=False, default=None)  # first component, for its evaluation env
+
+    @property
+    def size(self) -> int:
+        return len(self.actions)
+
+    @property
+    def obs_dim(self) -> int:
+        return self.observations.shape[1]
+
+    @property
+    def action_dim(self) -> int:
+        return self.actions.shape[1]
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the data: pretrained models record it and refuse other data."""
+        h = hashlib.sha256(",".join(self.dataset_ids).encode())
+        for a in (self.observations, self.actions, self.rewards, self.terminals, self.segment_starts):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    def make_eval_env(self):
+        """The dataset's real evaluation environment."""
+        register_envs()
+        return self.minari_dataset.recover_environment(eval_env=True)
+
+    def windows(self, L: int) -> tuple[np.ndarray, np.ndarray]:
+        """All DM windows of length L: (start index, number of real rows) for each. See segment_windows."""
+        return segment_windows(self.segment_starts, self.segment_ends, L)
+
+    def gather_windows(self, starts: np.ndarray, lengths: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+        """Windows [W, L, S+A] of rows (s_t, a_t) over physical states, and their real-row mask [W, L]."""
+        S = self.state_dim
+        return gather_windows(self.observations[:, :S], self.actions, self.next_observations[:, :S], starts, lengths, L)
+
+
+def segment_windows(segment_starts: np.ndarray, segment_ends: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stride-1 windows of L rows that never cross a segment boundary.
+
+    A segment of T >= L transitions gives T - L + 1 windows of L real rows. A shorter segment gives one
+    window with its T real rows; the rest is padding (see gather_windows).
+    """
+    if L < 1:
+        raise ValueError(f"window length L must be >= 1, got {L}")
+    lengths = segment_ends - segment_starts
+    counts = np.maximum(lengths - L + 1, 1)
+    seg = np.repeat(np.arange(len(lengths)), counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return segment_starts[seg] + offsets, np.minimum(lengths[seg], L)
+
+
+def gather_windows(states, actions, next_states, starts, lengths, L):
+    """Rows t = start .. start+L-1 as concat(s_t, a_t); returns (windows [W, L, S+A], mask [W, L]).
+
+    Padding rule for a window with fewer than L real rows: every padding row is the segment's final
+    state s_T (the next state of its last transition) with a zero action, and its mask entry is False,
+    so losses can skip it.
+    """
+    starts, lengths = np.asarray(starts), np.asarray(lengths)
+    t = np.arange(L)
+    mask = t[None, :] < lengths[:, None]
+    idx = starts[:, None] + np.minimum(t[None, :], lengths[:, None] - 1)
+    x = np.concatenate([states[idx], actions[idx]], axis=-1)
+    if not mask.all():
+        last = next_states[starts + lengths - 1]  # [W, S]
+        S = states.shape[1]
+        pad = ~mask
+        x[..., :S] = np.where(pad[..., None], last[:, None, :], x[..., :S])
+        x[..., S:] = np.where(pad[..., None], 0.0, x[..., S:])
+    return x, mask
+
+
+def _flatten(dataset_ids: list[str], env_id: str) -> OfflineData:
+    import minari
+
+    obs, nobs, acts, rews, terms, truncs, phys_first, phys_last, ep_len = [], [], [], [], [], [], [], [], []
+    first = None
+    state_dim = None
+    for did in dataset_ids:
+        ds = minari.load_dataset(did)
+        first = first or ds
+        for ep in ds.storage.get_episodes(range(ds.total_episodes)):
+            o = ep["observations"]
+            if isinstance(o, dict):  # goal-conditioned: physical state + the goal as context
+                phys, goal = np.asarray(o["observation"]), np.asarray(o["desired_goal"])
+                # The goal a transition is scored against is the one at its start.
+                cur = np.concatenate([phys[:-1], goal[:-1]], axis=1)
+                nxt = np.concatenate([phys[1:], goal[:-1]], axis=1)
+            else:
+                phys = np.asarray(o)
+                cur, nxt = phys[:-1], phys[1:]
+            state_dim = phys.shape[1]
+            obs.append(cur)
+            nobs.append(nxt)
+            acts.append(np.asarray(ep["actions"]).reshape(len(cur), -1))
+            rews.append(ep["rewards"])
+            terms.append(ep["terminations"])
+            truncs.append(ep["truncations"])
+            phys_first.append(phys[0])
+            phys_last.append(phys[-1])
+            ep_len.append(len(cur))
+    ep_len = np.array(ep_len)
+    ep_end = np.cumsum(ep_len)
+    # Episode k+1 continues episode k's physics when it starts where k ended (and k did not terminate).
+    joined = np.array(
+        [np.array_equal(phys_first[k + 1], phys_last[k]) and not terms[k][-1] for k in range(len(ep_len) - 1)],
+        dtype=bool,
+    )
+    new_segment = np.r_[True, ~joined]
+    seg_first_ep = np.flatnonzero(new_segment)
+    seg_last_ep = np.r_[seg_first_ep[1:] - 1, len(ep_len) - 1]
+    segment_starts = (ep_end - ep_len)[seg_first_ep]
+    segment_ends = ep_end[seg_last_ep]
+
+    meta = first.storage.metadata
+    ref_min, ref_max = meta.get("ref_min_score"), meta.get("ref_max_score")
+    if ref_min is None or ref_max is None:
+        raise ValueError(f"dataset {dataset_ids[0]} has no reference scores (ref_min_score / ref_max_score)")
+    return OfflineData(
+        env_id=env_id,
+        dataset_ids=tuple(dataset_ids),
+        task=task_of(dataset_ids[0]),
+        observations=np.concatenate(obs).astype(np.float32),
+        actions=np.concatenate(acts).astype(np.float32),
+        rewards=np.concatenate(rews).astype(np.float32),
+        next_observations=np.concatenate(nobs).astype(np.float32),
+        terminals=np.concatenate(terms).astype(bool),
+        timeouts=np.concatenate(truncs).astype(bool),
+        state_dim=int(state_dim),
+        episode_starts=(ep_end - ep_len).astype(np.int64),
+        segment_starts=segment_starts.astype(np.int64),
+        segment_ends=segment_ends.astype(np.int64),
+        ref_min_score=float(ref_min),
+        ref_max_score=float(ref_max),
+        minari_dataset=first,
+    )
+
+
+def load_dataset(env_id: str, offline: bool | None = None, generate: bool = True,
+                 num_steps: int = pointmaze.DEFAULT_STEPS, seed: int = pointmaze.DEFAULT_SEED,
+                 progress: bool = True) -> OfflineData:
+    """Load `env_id` (D4RL-style name or Minari id) as OfflineData, fetching or generating it if needed.
+
+    offline: skip the download attempt (default: the DYDIFF_OFFLINE environment variable).
+    num_steps, seed: size and seed of a locally generated PointMaze dataset (tests use ~10k steps).
+    """
+    spec = resolve_env_id(env_id)
+    if offline is None:
+        offline = os.environ.get(OFFLINE_ENV_VAR, "0").lower() not in ("", "0", "false", "no")
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    register_envs()
+    ids = _fetch(spec, offline, generate, num_steps, seed, progress)
+    return _flatten(ids, env_id)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Make (if needed) and summarise datasets: python -m common.datasets maze2d-umaze [...] [--steps N]."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("env_ids", nargs="+", help="--env-id names, e.g. maze2d-umaze maze2d-medium maze2d-large")
+    parser.add_argument("--steps", type=int, default=pointmaze.DEFAULT_STEPS, help="steps of a generated PointMaze dataset")
+    parser.add_argument("--seed", type=int, default=pointmaze.DEFAULT_SEED, help="seed of a generated PointMaze dataset")
+    parser.add_argument("--offline", action="store_true", help="do not try to download")
+    args = parser.parse_args(argv)
+    print(f"Minari datasets root: {datasets_root()}")
+    for env_id in args.env_ids:
+        import time
+
+        t0 = time.time()
+        data = load_dataset(env_id, offline=args.offline or None, num_steps=args.steps, seed=args.seed)
+        episodes = len(data.episode_starts)
+        print(
+            f"{env_id}: {', '.join(data.dataset_ids)} | {data.size:,} steps, {episodes:,} episodes, "
+            f"{len(data.segment_starts):,} physical segments | obs {data.obs_dim} (state {data.state_dim}), "
+            f"action {data.action_dim} | ref_min {data.ref_min_score:.2f}, ref_max {data.ref_max_score:.2f} | "
+            f"fingerprint {data.fingerprint} | {time.time() - t0:.1f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()

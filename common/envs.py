@@ -1,0 +1,89 @@
+"""Environments: registration, observation flattening, termination rules, D4RL scores and evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Callable
+
+import gymnasium as gym
+import numpy as np
+
+_registered = False
+
+
+def register_envs() -> None:
+    """Register the Gymnasium-Robotics environments (PointMaze) once, quietly."""
+    global _registered
+    if not _registered:
+        # gymnasium_robotics prints an unrelated Adroit notice on import.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            import gymnasium_robotics
+        gym.register_envs(gymnasium_robotics)
+        _registered = True
+
+
+def flatten_obs(obs) -> np.ndarray:
+    """RL observation: a goal-conditioned dict becomes concat(observation, desired_goal)."""
+    if isinstance(obs, dict):
+        return np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1)
+    return np.asarray(obs)
+
+
+def task_of(env_name: str) -> str:
+    """The task family ('pointmaze', 'hopper', 'walker2d', 'halfcheetah' or 'other') of an env or dataset id."""
+    name = env_name.lower().replace("_", "").replace("maze2d", "pointmaze")
+    for task in ("pointmaze", "hopper", "walker2d", "halfcheetah"):
+        if task in name:
+            return task
+    return "other"
+
+
+def _hopper_done(obs):
+    z, angle, rest = obs[..., 0], obs[..., 1], obs[..., 1:]
+    # Hopper-v5 is_healthy: 0.7 < z, |angle| < 0.2, every entry of qpos[2:], qvel inside (-100, 100).
+    healthy = (z > 0.7) & (z < float("inf")) & (angle > -0.2) & (angle < 0.2)
+    healthy = healthy & ((rest > -100.0) & (rest < 100.0)).all(-1)
+    return ~healthy
+
+
+def _walker2d_done(obs):
+    z, angle = obs[..., 0], obs[..., 1]
+    # Walker2d-v5 is_healthy: 0.8 < z < 2.0, -1 < angle < 1.
+    return ~((z > 0.8) & (z < 2.0) & (angle > -1.0) & (angle < 1.0))
+
+
+def _never_done(obs):
+    return obs[..., 0] != obs[..., 0]  # False, except for NaN states
+
+
+TERMINATION_FNS = {"hopper": _hopper_done, "walker2d": _walker2d_done}
+
+
+def termination_fn(task: str) -> Callable:
+    """done(next_obs) for synthetic transitions: the env's own healthy-state rule (NumPy or torch, [..., D]).
+
+    Hopper and Walker2d terminate when unhealthy; HalfCheetah and PointMaze never terminate.
+    Comparisons with NaN are false, so a NaN state counts as terminal.
+    """
+    return TERMINATION_FNS.get(task, _never_done)
+
+
+def normalized_score(returns, ref_min: float, ref_max: float):
+    """D4RL normalized score: 100 * (R - ref_min) / (ref_max - ref_min)."""
+    return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+
+
+def evaluate(policy: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
+             ref_min: float, ref_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """Run `episodes` episodes of `policy` (flat observation -> action); return (returns, normalized scores)."""
+    returns = np.zeros(episodes)
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        done = False
+        while not done:
+            action = np.asarray(policy(flatten_obs(obs)), dtype=np.float32)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            returns[ep] += reward
+            done = terminated or truncated
+    return returns, normalized_score(returns, ref_min, ref_max)
