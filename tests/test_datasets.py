@@ -296,3 +296,17 @@ def test_termination_rule_runs_on_torch_tensors():
     done = termination_fn("hopper")(obs)
     assert done.tolist() == [False, True, True, True]
     assert termination_fn("pointmaze")(torch.zeros(3, 6)).tolist() == [False] * 3
+
+
+def test_flat_cache_is_written_and_a_broken_one_is_rebuilt(umaze):
+    from pathlib import Path
+
+    folder = Path(datasets.datasets_root()) / umaze.dataset_ids[0]
+    caches = list(folder.glob("dydiff-flat-*.npz"))
+    assert len(caches) == 1
+    caches[0].write_bytes(b"not an npz")
+    again = load_dataset("maze2d-umaze", num_steps=STEPS, seed=0, progress=False, generate=False)
+    assert again.fingerprint == umaze.fingerprint
+    np.testing.assert_array_equal(again.segment_ends, umaze.segment_ends)
+    with np.load(caches[0]) as z:  # rewritten as a valid cache
+        assert z["observations"].shape == umaze.observations.shape
