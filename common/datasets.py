@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import numpy as np
+import torch
 
 from common import pointmaze
 from common.envs import register_envs, task_of
@@ -225,20 +226,21 @@ def gather_windows(states, actions, next_states, starts, lengths, L):
 
     Padding rule for a window with fewer than L real rows: every padding row is the segment's final
     state s_T (the next state of its last transition) with a zero action, and its mask entry is False,
-    so losses can skip it.
+    so losses can skip it. Works on NumPy arrays or on torch tensors (on their device).
     """
-    starts, lengths = np.asarray(starts), np.asarray(lengths)
-    t = np.arange(L)
+    as_numpy = not isinstance(states, torch.Tensor)
+    states, actions, next_states = (torch.as_tensor(a) for a in (states, actions, next_states))
+    starts = torch.as_tensor(starts, device=states.device)
+    lengths = torch.as_tensor(lengths, device=states.device)
+    t = torch.arange(L, device=states.device)
     mask = t[None, :] < lengths[:, None]
-    idx = starts[:, None] + np.minimum(t[None, :], lengths[:, None] - 1)
-    x = np.concatenate([states[idx], actions[idx]], axis=-1)
-    if not mask.all():
-        last = next_states[starts + lengths - 1]  # [W, S]
-        S = states.shape[1]
-        pad = ~mask
-        x[..., :S] = np.where(pad[..., None], last[:, None, :], x[..., :S])
-        x[..., S:] = np.where(pad[..., None], 0.0, x[..., S:])
-    return x, mask
+    idx = starts[:, None] + torch.minimum(t[None, :], lengths[:, None] - 1)
+    x = torch.cat([states[idx], actions[idx]], dim=-1)
+    pad = ~mask[..., None]
+    last = next_states[starts + lengths - 1][:, None, :]  # [W, 1, S]
+    S = states.shape[1]
+    x = torch.cat([torch.where(pad, last, x[..., :S]), x[..., S:].masked_fill(pad, 0.0)], dim=-1)
+    return (x.numpy(), mask.numpy()) if as_numpy else (x, mask)
 
 
 def _flatten(dataset_ids: list[str], env_id: str) -> OfflineData:

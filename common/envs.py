@@ -69,6 +69,42 @@ def termination_fn(task: str) -> Callable:
     return TERMINATION_FNS.get(task, _never_done)
 
 
+def set_physical_state(env: gym.Env, task: str, state) -> None:
+    """Put the simulator in a physical state taken from an observation.
+
+    PointMaze: qpos = (x, y), qvel = (vx, vy). MuJoCo locomotion: qpos[1:] and qvel are in the
+    observation; the x position (qpos[0]) is not, and no dynamics depend on it, so it is set to 0.
+    """
+    u = env.unwrapped
+    state = np.asarray(state, dtype=np.float64)
+    if task == "pointmaze":
+        u.point_env.set_state(state[:2], state[2:4])
+    elif task in ("hopper", "walker2d", "halfcheetah"):
+        nq = u.model.nq
+        u.set_state(np.r_[0.0, state[: nq - 1]], state[nq - 1 :])
+    else:
+        raise ValueError(f"cannot set the simulator state of task {task!r}; known: pointmaze, hopper, walker2d, halfcheetah")
+
+
+def physical_part(obs) -> np.ndarray:
+    """The physical state in an env observation (PointMaze: obs['observation'])."""
+    return np.asarray(obs["observation"] if isinstance(obs, dict) else obs)
+
+
+def replay_actions(env: gym.Env, task: str, s0, actions) -> np.ndarray:
+    """Real states s_0..s_{L-1} from executing actions a_0..a_{L-2} from physical state s0; [L, S].
+
+    Steps the unwrapped env, so a time limit or a termination does not stop the replay.
+    """
+    env.reset(seed=0)
+    set_physical_state(env, task, s0)
+    states = [np.asarray(s0, dtype=np.float64)]
+    for a in actions[:-1]:
+        obs = env.unwrapped.step(np.asarray(a, dtype=np.float32))[0]
+        states.append(physical_part(obs))
+    return np.stack(states)
+
+
 def normalized_score(returns, ref_min: float, ref_max: float):
     """D4RL normalized score: 100 * (R - ref_min) / (ref_max - ref_min)."""
     return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min) / (ref_max - ref_min)

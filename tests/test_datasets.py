@@ -310,3 +310,35 @@ def test_flat_cache_is_written_and_a_broken_one_is_rebuilt(umaze):
     np.testing.assert_array_equal(again.segment_ends, umaze.segment_ends)
     with np.load(caches[0]) as z:  # rewritten as a valid cache
         assert z["observations"].shape == umaze.observations.shape
+
+
+# ----------------------------------------------------------------------------- simulator replay
+def test_replaying_dataset_actions_reproduces_pointmaze_states(umaze):
+    from common.envs import replay_actions
+
+    env = umaze.make_eval_env()
+    for s in (0, 1234, 7000):
+        real = replay_actions(env, "pointmaze", umaze.observations[s, :4], umaze.actions[s : s + 50])
+        np.testing.assert_allclose(real, umaze.observations[s : s + 50, :4], atol=1e-5)
+
+
+def test_replaying_dataset_actions_reproduces_hopper_states(hopper):
+    from common.envs import replay_actions
+
+    data, _ = hopper
+    env = data.make_eval_env()
+    s = int(data.segment_starts[1])
+    real = replay_actions(env, "hopper", data.observations[s], data.actions[s : s + 10])
+    np.testing.assert_allclose(real, data.observations[s : s + 10], atol=1e-4)
+
+
+def test_atomic_save_and_refusing_models_of_other_data(tmp_path):
+    from common.checkpoints import atomic_save, load_model_file
+
+    atomic_save({"fingerprint": "abc", "dataset_ids": ["local/x-v0"], "w": 1}, tmp_path / "dm.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["dm.pt"]  # no temporary file left behind
+    assert load_model_file(tmp_path, "dm", "abc")["w"] == 1
+    with pytest.raises(ValueError, match="trained on dataset local/x-v0"):
+        load_model_file(tmp_path, "dm", "other")
+    with pytest.raises(FileNotFoundError, match="pretrain_models.py"):
+        load_model_file(tmp_path, "reward", "abc")
