@@ -1,0 +1,438 @@
+# Docs: README.md, section "Pretrained models"
+"""Pretrain DyDiff's three models for one dataset, then measure them (paper §4.1-4.2, Appendix C).
+
+1. the EDM trajectory denoiser D_theta over windows [B, L, S+A] (Eq. 2-4), with an EMA copy;
+2. the single-step dynamics ensemble T_phi (Eq. 5): 7 members, 5 elites;
+3. the reward model r_psi(s, a) (Eq. 10).
+Then the model report: held-out losses and state error versus horizon of the ensemble's
+autoregressive rollout and of DM samples after M = 1, 2, 3 refinement iterations.
+"""
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from tqdm import tqdm
+
+from common.checkpoints import MODEL_FILES, atomic_save, models_folder
+from common.datasets import OFFLINE_ENV_VAR, gather_windows, load_dataset, segment_windows
+from common.dynamics import EnsembleDynamics, RewardModel
+from common.edm import EMA, EDMPrecond, MinMaxNormalizer, TemporalUnet, condition_mask, edm_loss, edm_sampler
+from common.envs import replay_actions
+
+
+@dataclass
+class Args:
+    exp_name: str = "pretrain"
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "dydiff"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    wandb_group: Optional[str] = None
+    """the wandb group of the run"""
+
+    # Data
+    env_id: str = "maze2d-umaze"
+    """D4RL-style name (maze2d-large, hopper-medium, ...) or a Minari dataset id"""
+    offline: bool = False
+    """never try to download a dataset (also: DYDIFF_OFFLINE=1)"""
+    dataset_steps: int = 1_000_000
+    """steps of a locally generated PointMaze dataset"""
+    holdout_fraction: float = 0.05
+    """the final fraction of the dataset is held out for the model report"""
+    models_dir: str = "models"
+    """the models are saved to {models_dir}/{env_id}/"""
+    resume: bool = True
+    """continue an interrupted pretraining (models already finished are kept)"""
+
+    # Diffusion model (EDM, paper Table 3)
+    horizon: int = 100
+    """L: length of the trajectory windows the DM generates"""
+    dm_dim: int = 128
+    """width of the temporal U-Net (paper: 128)"""
+    dm_dim_mults: tuple[int, ...] = (1, 4, 8)
+    """channel multipliers of the U-Net levels (paper: 1 4 8)"""
+    dm_steps: int = 100_000
+    """DM gradient steps"""
+    dm_batch_size: int = 256
+    """DM batch size (windows)"""
+    dm_lr: float = 2e-4
+    """DM learning rate (Adam)"""
+    dm_ema_decay: float = 0.999
+    """decay of the EMA copy of the DM weights"""
+    sigma_data: float = 0.5
+    """sigma_data of EDM; data are min/max scaled to [-1, 1] per dimension"""
+    p_mean: float = -1.2
+    """P_mean: mean of ln(sigma) during training"""
+    p_std: float = 1.2
+    """P_std: std of ln(sigma) during training"""
+    dm_checkpoint_every: int = 2000
+    """DM steps between resumable checkpoints"""
+
+    # Dynamics ensemble
+    dyn_members: int = 7
+    """ensemble members"""
+    dyn_elites: int = 5
+    """elite members, picked by held-out loss"""
+    dyn_hidden: int = 200
+    """hidden units per layer"""
+    dyn_batch_size: int = 256
+    """ensemble batch size"""
+    dyn_max_epochs: int = 200
+    """at most this many epochs (early stopping on a held-out split usually stops it sooner)"""
+    dyn_max_steps: int = 0
+    """if > 0, at most this many gradient steps"""
+
+    # Reward model
+    reward_steps: int = 20_000
+    """reward-model gradient steps (at most; early stopping)"""
+    reward_batch_size: int = 256
+    """reward-model batch size"""
+
+    # Model report
+    report_windows: int = 128
+    """start states (and dataset windows) used by the model report"""
+    report_iterations: int = 3
+    """M: DM <-> policy refinement iterations measured by the report"""
+    sampler_steps: int = 34
+    """N: EDM sampler steps (paper Table 3)"""
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+def split_segments(data, holdout_fraction: float):
+    """Cut the dataset at one index: (train segments, held-out segments) as (starts, ends) arrays."""
+    n_train = int(round(data.size * (1.0 - holdout_fraction)))
+    starts, ends = data.segment_starts, data.segment_ends
+    train = (np.minimum(starts, n_train), np.minimum(ends, n_train))
+    held = (np.maximum(starts, n_train), np.maximum(ends, n_train))
+    keep_t, keep_h = train[1] > train[0], held[1] > held[0]
+    return (train[0][keep_t], train[1][keep_t]), (held[0][keep_h], held[1][keep_h]), n_train
+
+
+class RandomPolicy(nn.Module):
+    """A fixed random tanh MLP on z-scored observations: a non-behaviour policy for the model report."""
+
+    def __init__(self, obs_mean, obs_std, action_dim, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        d = len(obs_mean)
+        self.register_buffer("mean", torch.as_tensor(obs_mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(obs_std, dtype=torch.float32))
+        self.w1 = nn.Parameter(torch.randn(d, 64, generator=g) / d**0.5, requires_grad=False)
+        self.w2 = nn.Parameter(torch.randn(64, action_dim, generator=g) / 8.0, requires_grad=False)
+
+    def forward(self, obs):
+        return torch.tanh(torch.tanh(((obs - self.mean) / self.std) @ self.w1) @ self.w2 * 2.0)
+
+
+def model_meta(args, data, **extra):
+    """What every model file records, so it can be used without the training run."""
+    return dict(
+        env_id=args.env_id, dataset_ids=list(data.dataset_ids), fingerprint=data.fingerprint, task=data.task,
+        obs_dim=data.obs_dim, state_dim=data.state_dim, action_dim=data.action_dim, args=asdict(args), **extra,
+    )
+
+
+def train_dm(args, data, train_segs, device, folder, log):
+    """Train the EDM denoiser on training windows; resumable from {folder}/dm_train.pt."""
+    S, A, L = data.state_dim, data.action_dim, args.horizon
+    states = torch.as_tensor(data.observations[:, :S], device=device)
+    actions = torch.as_tensor(data.actions, device=device)
+    next_states = torch.as_tensor(data.next_observations[:, :S], device=device)
+    starts, lengths = (torch.as_tensor(a, device=device) for a in segment_windows(*train_segs, L))
+    n_train = int(train_segs[1].max())
+    normalizer = MinMaxNormalizer.from_data(
+        np.concatenate([data.observations[:n_train, :S], data.actions[:n_train]], axis=1)
+    ).to(device)
+    net = TemporalUnet(S + A, dim=args.dm_dim, dim_mults=args.dm_dim_mults)
+    denoiser = EDMPrecond(net, sigma_data=args.sigma_data).to(device)
+    ema = EMA(denoiser, decay=args.dm_ema_decay)
+    opt = torch.optim.Adam(denoiser.parameters(), lr=args.dm_lr)
+    cond_mask = condition_mask(L, S, A, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    step = 0
+    ckpt_path = folder / "dm_train.pt"
+    config = dict(horizon=L, dim=args.dm_dim, dim_mults=list(args.dm_dim_mults), sigma_data=args.sigma_data)
+    if args.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if (ckpt["fingerprint"], ckpt["config"]) != (data.fingerprint, config):
+            print(f"{ckpt_path} is for other data or another DM configuration: training the DM from scratch")
+        else:
+            denoiser.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+            gen.set_state(ckpt["generator"].cpu())
+            step = ckpt["step"]
+            print(f"resuming DM training at step {step:,} from {ckpt_path}")
+    n_params = sum(p.numel() for p in denoiser.parameters())
+    print(f"DM: temporal U-Net dim {args.dm_dim}, mults {args.dm_dim_mults}, {n_params / 1e6:.2f}M parameters; "
+          f"{len(starts):,} training windows of L={L}")
+    t0, loss_avg = time.time(), None
+    bar = tqdm(range(step, args.dm_steps), initial=step, total=args.dm_steps, desc="DM", mininterval=2.0)
+    for step in bar:
+        idx = torch.randint(len(starts), (args.dm_batch_size,), device=device, generator=gen)
+        x, valid = gather_windows(states, actions, next_states, starts[idx], lengths[idx], L)
+        loss = edm_loss(denoiser, normalizer.normalize(x), cond_mask, args.p_mean, args.p_std, valid=valid, generator=gen)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"DM loss is {loss.item()} at step {step}; lower --dm-lr (now {args.dm_lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(denoiser)
+        if step % 100 == 0:
+            loss_val = loss.item()
+            loss_avg = loss_val if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_val
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+            log({"losses/dm": loss_val, "charts/dm_steps_per_s": (step + 1) / max(time.time() - t0, 1e-9)}, step)
+        if (step + 1) % args.dm_checkpoint_every == 0 or step + 1 == args.dm_steps:
+            atomic_save(dict(model=denoiser.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                             generator=gen.get_state(), step=step + 1, fingerprint=data.fingerprint, config=config),
+                        ckpt_path)
+    atomic_save(dict(model_meta(args, data, steps=args.dm_steps, **config),
+                     state_dict=ema.module.state_dict(), normalizer=normalizer.state_dict()), folder / MODEL_FILES["dm"])
+    return ema.module.eval(), normalizer
+
+
+def load_dm(folder, device):
+    ckpt = torch.load(folder / MODEL_FILES["dm"], map_location=device, weights_only=False)
+    net = TemporalUnet(ckpt["state_dim"] + ckpt["action_dim"], dim=ckpt["dim"], dim_mults=tuple(ckpt["dim_mults"]))
+    denoiser = EDMPrecond(net, sigma_data=ckpt["sigma_data"]).to(device)
+    denoiser.load_state_dict(ckpt["state_dict"])
+    normalizer = MinMaxNormalizer(torch.zeros(ckpt["state_dim"] + ckpt["action_dim"]), torch.ones(ckpt["state_dim"] + ckpt["action_dim"]))
+    normalizer.load_state_dict(ckpt["normalizer"])
+    return denoiser.eval(), normalizer.to(device)
+
+
+def sample_states(denoiser, normalizer, s0, actions, args, gen):
+    """DM states s_0..s_{L-1} given s0 [B, S] and actions [B, L, A] (raw units), by Algorithm 2."""
+    B, L, A = actions.shape
+    S = s0.shape[1]
+    cond = torch.cat([s0[:, None, :].expand(B, L, S), actions], dim=-1)
+    mask = condition_mask(L, S, A, device=s0.device)
+    x = edm_sampler(denoiser, normalizer.normalize(cond), mask, num_steps=args.sampler_steps, generator=gen)
+    states = normalizer.unnormalize(x)[..., :S]
+    return torch.cat([s0[:, None], states[:, 1:]], dim=1)  # s0 exactly, not its normalize round trip
+
+
+def state_error(pred, true):
+    """Mean over windows of the squared state error at each horizon t: [L]."""
+    return ((np.asarray(pred, dtype=np.float64) - np.asarray(true, dtype=np.float64)) ** 2).sum(-1).mean(0)
+
+
+@torch.no_grad()
+def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_model, device, folder, log):
+    """Held-out losses and state error versus horizon; writes report.json and report.png."""
+    S, A, L = data.state_dim, data.action_dim, args.horizon
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    rng = np.random.default_rng(args.seed + 1)
+    n0 = int(held_segs[0].min())
+    report = {"env_id": args.env_id, "fingerprint": data.fingerprint, "horizon": L, "heldout_transitions": data.size - n0}
+
+    # Held-out losses
+    obs_h, act_h, rew_h = (torch.as_tensor(a[n0:], device=device) for a in (data.observations, data.actions, data.rewards))
+    nobs_h = torch.as_tensor(data.next_observations[n0:], device=device)
+    report["dynamics_heldout_mse_per_member"] = dynamics.holdout_loss(obs_h[:, :S], act_h, nobs_h[:, :S]).tolist()
+    report["dynamics_elites"] = dynamics.elites.tolist()
+    report["reward_heldout_mse"] = float(((reward_model(obs_h, act_h) - rew_h) ** 2).mean())
+    h_starts, h_lengths = segment_windows(*held_segs, L)
+    cond_mask = condition_mask(L, S, A, device=device)
+    dm_losses = []
+    for _ in range(8):
+        idx = rng.integers(len(h_starts), size=min(256, len(h_starts)))
+        x, valid = gather_windows(data.observations[:, :S], data.actions, data.next_observations[:, :S], h_starts[idx], h_lengths[idx], L)
+        x, valid = torch.as_tensor(x, device=device), torch.as_tensor(valid, device=device)
+        dm_losses.append(float(edm_loss(denoiser, normalizer.normalize(x), cond_mask, args.p_mean, args.p_std, valid=valid, generator=gen)))
+    report["dm_heldout_loss"] = float(np.mean(dm_losses))
+
+    # (a) Held-out dataset windows: the dataset's own actions, ground truth = the dataset's states.
+    full = np.flatnonzero(h_lengths == L)
+    if len(full) == 0:
+        raise ValueError(f"no held-out segment is {L} steps long; raise --holdout-fraction or lower --horizon")
+    pick = rng.choice(full, size=min(args.report_windows, len(full)), replace=False)
+    x, _ = gather_windows(data.observations[:, :S], data.actions, data.next_observations[:, :S], h_starts[pick], h_lengths[pick], L)
+    x = torch.as_tensor(x, device=device)
+    true_states, acts = x[..., :S], x[..., S:]
+    ens = [true_states[:, 0]]
+    for t in range(L - 1):
+        ens.append(dynamics.predict(ens[-1], acts[:, t], generator=gen))
+    ens = torch.stack(ens, 1)
+    dm = sample_states(denoiser, normalizer, true_states[:, 0], acts, args, gen)
+    curves = {"dataset/ensemble": state_error(ens.cpu(), true_states.cpu()), "dataset/dm": state_error(dm.cpu(), true_states.cpu())}
+
+    # (b) A non-behaviour policy, replayed in the real simulator (paper Fig. 4 and 7).
+    context = torch.as_tensor(data.observations[h_starts[pick], S:], device=device)
+    obs_mean, obs_std = data.observations.mean(0), data.observations.std(0) + 1e-6
+    policy = RandomPolicy(obs_mean, obs_std, A, seed=args.seed).to(device)
+    s0 = true_states[:, 0]
+    env = data.make_eval_env()
+
+    def replay(actions):
+        return np.stack([replay_actions(env, data.task, s.cpu().numpy(), a.cpu().numpy()) for s, a in zip(s0, actions)])
+
+    ens_states, ens_actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
+    curves["policy/ensemble"] = state_error(ens_states.cpu(), replay(ens_actions))
+    actions = ens_actions
+    for k in range(1, args.report_iterations + 1):
+        states_k = sample_states(denoiser, normalizer, s0, actions, args, gen)
+        curves[f"policy/dm_M{k}"] = state_error(states_k.cpu(), replay(actions))
+        obs_k = torch.cat([states_k, context[:, None].expand(-1, L, -1)], dim=-1)
+        actions = policy(obs_k.reshape(-1, data.obs_dim)).reshape(-1, L, A)  # relabel: a_t = pi(s_t)
+    env.close()
+
+    report["state_error_vs_horizon"] = {k: v.tolist() for k, v in curves.items()}
+    report[f"state_error_at_{L - 1}"] = {k: float(v[-1]) for k, v in curves.items()}
+    report["state_error_mean"] = {k: float(v.mean()) for k, v in curves.items()}
+    with open(folder / ".report.json.tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(folder / ".report.json.tmp", folder / "report.json")
+    png = plot_report(curves, folder / "report.png", args.env_id)
+    log({f"report/{k}_final": float(v[-1]) for k, v in curves.items()} | {
+        "report/dm_heldout_loss": report["dm_heldout_loss"], "report/reward_heldout_mse": report["reward_heldout_mse"],
+    }, None, image=png)
+    return report
+
+
+def plot_report(curves, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, err in curves.items():
+        ax.plot(np.arange(len(err)), np.maximum(err, 1e-8), ("--" if name.startswith("dataset") else "-"), label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("horizon t")
+    ax.set_ylabel("mean squared state error")
+    ax.set_title(f"{title}: rollout error vs horizon (dataset actions: dashed; random policy, real simulator: solid)",
+                 fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(".report.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    if args.horizon < 2:
+        raise SystemExit(f"--horizon must be >= 2, got {args.horizon}")
+    if not 0.0 < args.holdout_fraction < 0.5:
+        raise SystemExit(f"--holdout-fraction must be in (0, 0.5), got {args.holdout_fraction}")
+    if args.dyn_elites > args.dyn_members:
+        raise SystemExit(f"--dyn-elites ({args.dyn_elites}) cannot exceed --dyn-members ({args.dyn_members})")
+    if args.offline:
+        os.environ[OFFLINE_ENV_VAR] = "1"
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    try:
+        data = load_dataset(args.env_id, num_steps=args.dataset_steps)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e))
+    folder = models_folder(args.models_dir, args.env_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"pretraining models for {args.env_id} ({', '.join(data.dataset_ids)}, fingerprint {data.fingerprint}) "
+          f"into {folder} on {device}")
+
+    wandb_run = None
+    if args.track:
+        import wandb
+
+        wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
+                               config=vars(args), name=run_name, save_code=True)
+
+    def log(metrics, step, image=None):
+        if wandb_run is not None:
+            if image is not None:
+                import wandb
+
+                metrics = dict(metrics, **{"report/plot": wandb.Image(str(image))})
+            wandb_run.log(metrics, step=step)
+
+    def finished(name):
+        """A model file for this very dataset (and, for the DM, these many steps) exists and we resume: keep it."""
+        path = folder / MODEL_FILES[name]
+        if not (args.resume and path.exists()):
+            return False
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return ckpt["fingerprint"] == data.fingerprint and (name != "dm" or ckpt["steps"] == args.dm_steps)
+
+    train_segs, held_segs, n_train = split_segments(data, args.holdout_fraction)
+    S = data.state_dim
+    timings = {}
+
+    # 1. Dynamics ensemble on the training part (its own random split decides early stopping and elites)
+    t0 = time.time()
+    dynamics = EnsembleDynamics(S, data.action_dim, num_members=args.dyn_members, num_elites=args.dyn_elites,
+                                hidden=args.dyn_hidden).to(device)
+    if finished("dynamics"):
+        dynamics.load_state_dict(torch.load(folder / MODEL_FILES["dynamics"], map_location=device, weights_only=False)["state_dict"])
+        print("dynamics ensemble: already trained, kept")
+    else:
+        stats = dynamics.fit(data.observations[:n_train, :S], data.actions[:n_train], data.next_observations[:n_train, :S],
+                             batch_size=args.dyn_batch_size, max_epochs=args.dyn_max_epochs,
+                             max_steps=args.dyn_max_steps or None, seed=args.seed)
+        atomic_save(dict(model_meta(args, data, config=dynamics.config, fit=stats), state_dict=dynamics.state_dict()),
+                    folder / MODEL_FILES["dynamics"])
+        timings["dynamics_s"] = time.time() - t0
+        log({"losses/dynamics_holdout_mse": float(np.mean(stats["holdout_mse"]))}, None)
+
+    # 2. Reward model r(s, a) on full RL observations
+    t0 = time.time()
+    reward_model = RewardModel(data.obs_dim, data.action_dim).to(device)
+    if finished("reward"):
+        reward_model.load_state_dict(torch.load(folder / MODEL_FILES["reward"], map_location=device, weights_only=False)["state_dict"])
+        print("reward model: already trained, kept")
+    else:
+        stats = reward_model.fit(data.observations[:n_train], data.actions[:n_train], data.rewards[:n_train],
+                                 batch_size=args.reward_batch_size, max_steps=args.reward_steps, seed=args.seed)
+        atomic_save(dict(model_meta(args, data, config=reward_model.config, fit=stats), state_dict=reward_model.state_dict()),
+                    folder / MODEL_FILES["reward"])
+        timings["reward_s"] = time.time() - t0
+        log({"losses/reward_holdout_mse": float(stats["holdout_mse"])}, None)
+
+    # 3. Diffusion model
+    t0 = time.time()
+    if finished("dm"):
+        denoiser, normalizer = load_dm(folder, device)
+        print("diffusion model: already trained, kept")
+    else:
+        denoiser, normalizer = train_dm(args, data, train_segs, device, folder, log)
+        timings["dm_s"] = time.time() - t0
+
+    # 4. Report
+    t0 = time.time()
+    report = model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_model, device, folder, log)
+    timings["report_s"] = time.time() - t0
+    print(json.dumps({k: report[k] for k in ("dm_heldout_loss", "reward_heldout_mse", "dynamics_heldout_mse_per_member",
+                                             f"state_error_at_{args.horizon - 1}")}, indent=1))
+    print(f"timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
+    print(f"models, report.json and report.png in {folder}")
+    if wandb_run is not None:
+        wandb_run.finish()

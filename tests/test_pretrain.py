@@ -1,0 +1,87 @@
+"""pretrain_models.py end to end on a tiny dataset: model files that load, a report, resume, refusal."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.checkpoints import load_model_file, models_folder
+from common.datasets import load_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--horizon", "16", "--holdout-fraction", "0.1",
+    "--dm-dim", "8", "--dm-dim-mults", "1", "2", "--dm-steps", "30", "--dm-batch-size", "16",
+    "--dm-checkpoint-every", "10", "--dyn-hidden", "32", "--dyn-max-steps", "60", "--reward-steps", "60",
+    "--report-windows", "4", "--report-iterations", "2", "--sampler-steps", "4", "--no-cuda",
+]
+
+
+def run(*args, check=True):
+    out = subprocess.run([sys.executable, "pretrain_models.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    models_dir = tmp_path_factory.mktemp("models")
+    out = run(*TINY, "--models-dir", str(models_dir))
+    return models_dir, out
+
+
+def test_writes_model_files_that_load_for_this_dataset(pretrained):
+    models_dir, _ = pretrained
+    folder = models_folder(str(models_dir), "maze2d-umaze")
+    data = load_dataset("maze2d-umaze", num_steps=10_000, progress=False)
+    for name in ("dm", "dynamics", "reward"):
+        ckpt = load_model_file(folder, name, data.fingerprint)
+        assert ckpt["state_dim"] == 4 and ckpt["obs_dim"] == 6 and ckpt["action_dim"] == 2
+        assert ckpt["dataset_ids"] == list(data.dataset_ids)
+    dm = load_model_file(folder, "dm", data.fingerprint)
+    assert dm["horizon"] == 16 and "normalizer" in dm
+    from pretrain_models import load_dm
+
+    denoiser, normalizer = load_dm(folder, torch.device("cpu"))
+    x = normalizer.normalize(torch.as_tensor(np.c_[data.observations[:16, :4], data.actions[:16]])[None])
+    assert denoiser(x, torch.tensor([1.0])).shape == (1, 16, 6)
+    assert not (folder / ".dm.pt.tmp").exists()
+
+
+def test_report_has_losses_and_error_curves(pretrained):
+    models_dir, out = pretrained
+    folder = models_folder(str(models_dir), "maze2d-umaze")
+    report = json.loads((folder / "report.json").read_text())
+    assert np.isfinite(report["dm_heldout_loss"]) and report["dm_heldout_loss"] > 0
+    assert len(report["dynamics_heldout_mse_per_member"]) == 7 and len(report["dynamics_elites"]) == 5
+    curves = report["state_error_vs_horizon"]
+    assert set(curves) == {"dataset/ensemble", "dataset/dm", "policy/ensemble", "policy/dm_M1", "policy/dm_M2"}
+    for name, err in curves.items():
+        assert len(err) == 16 and err[0] == pytest.approx(0.0, abs=1e-10), name  # s0 is given, never generated
+        assert all(np.isfinite(err))
+    assert (folder / "report.png").stat().st_size > 1000
+    assert "state_error_at_15" in out.stdout
+
+
+def test_rerun_keeps_finished_models_and_resumes_the_dm(pretrained):
+    models_dir, _ = pretrained
+    folder = models_folder(str(models_dir), "maze2d-umaze")
+    before = {n: (folder / n).stat().st_mtime_ns for n in ("dynamics.pt", "reward.pt")}
+    out = run(*TINY, "--models-dir", str(models_dir), "--dm-steps", "40")  # 10 more DM steps
+    assert "already trained, kept" in out.stdout
+    assert "resuming DM training at step 30" in out.stdout
+    assert {n: (folder / n).stat().st_mtime_ns for n in before} == before
+    assert torch.load(folder / "dm_train.pt", weights_only=False)["step"] == 40
+
+
+def test_bad_inputs_end_in_one_clear_message(tmp_path):
+    out = run("--env-id", "maze2d-huge", "--models-dir", str(tmp_path), check=False)
+    assert out.returncode != 0 and "unknown --env-id 'maze2d-huge'" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run(*TINY, "--models-dir", str(tmp_path), "--dyn-elites", "9", check=False)
+    assert out.returncode != 0 and "--dyn-elites" in out.stderr and "Traceback" not in out.stderr
