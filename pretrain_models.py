@@ -26,6 +26,7 @@ from common.datasets import OFFLINE_ENV_VAR, gather_windows, load_dataset, segme
 from common.dynamics import EnsembleDynamics, RewardModel
 from common.edm import EMA, EDMPrecond, MinMaxNormalizer, TemporalUnet, condition_mask, edm_loss, edm_sampler
 from common.envs import replay_actions
+from common.pointmaze import in_wall
 
 
 @dataclass
@@ -292,15 +293,22 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
         return np.stack([replay_actions(env, data.task, s.cpu().numpy(), a.cpu().numpy()) for s, a in zip(s0, actions)])
 
     ens_states, ens_actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
-    curves["policy/ensemble"] = state_error(ens_states.cpu(), replay(ens_actions))
+    real_states = replay(ens_actions)
+    curves["policy/ensemble"] = state_error(ens_states.cpu(), real_states)
+    trajectories = {"dataset/ensemble": ens.cpu().numpy(), "dataset/dm": dm.cpu().numpy(),
+                    "policy/real": real_states, "policy/ensemble": ens_states.cpu().numpy()}
     actions = ens_actions
     for k in range(1, args.report_iterations + 1):
         states_k = sample_states(denoiser, normalizer, s0, actions, args, gen)
         curves[f"policy/dm_M{k}"] = state_error(states_k.cpu(), replay(actions))
         obs_k = torch.cat([states_k, context[:, None].expand(-1, L, -1)], dim=-1)
         actions = policy(obs_k.reshape(-1, data.obs_dim)).reshape(-1, L, A)  # relabel: a_t = pi(s_t)
-    env.close()
+        trajectories[f"policy/dm_M{k}"] = states_k.cpu().numpy()
 
+    if data.task == "pointmaze":  # share of trajectories that pass through a wall
+        maze = env.unwrapped.maze
+        report["wall_crossing_share"] = {k: float(in_wall(maze, v[..., :2]).any(1).mean()) for k, v in trajectories.items()}
+    env.close()
     report["state_error_vs_horizon"] = {k: v.tolist() for k, v in curves.items()}
     report[f"state_error_at_{L - 1}"] = {k: float(v[-1]) for k, v in curves.items()}
     report["state_error_mean"] = {k: float(v.mean()) for k, v in curves.items()}

@@ -59,6 +59,20 @@ def make_eval_env(maze: str, dense: bool = False) -> gym.Env:
     )
 
 
+def wall_cells(maze) -> np.ndarray:
+    """[rows, cols] bool map of the maze's wall cells."""
+    return np.array([[c == 1 for c in row] for row in maze.maze_map])
+
+
+def in_wall(maze, xy: np.ndarray) -> np.ndarray:
+    """Whether each (x, y) in [..., 2] lies inside a wall cell or outside the maze."""
+    walls = wall_cells(maze)
+    rows = np.floor((maze.y_map_center - xy[..., 1]) / maze.maze_size_scaling).astype(int)
+    cols = np.floor((xy[..., 0] + maze.x_map_center) / maze.maze_size_scaling).astype(int)
+    inside = (rows >= 0) & (rows < walls.shape[0]) & (cols >= 0) & (cols < walls.shape[1])
+    return ~inside | walls[rows.clip(0, walls.shape[0] - 1), cols.clip(0, walls.shape[1] - 1)]
+
+
 class WaypointController:
     """Expert of the maze2d datasets: follow cell centres along a shortest path, then go to the goal.
 

@@ -1,0 +1,184 @@
+"""dydiff_td3bc.py: subprocess runs in base, M = 0 and DyDiff modes, resume, bad inputs; its DyDiff pieces."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from dydiff_td3bc import SyntheticBuffer, alive_mask, filter_trajectories, mixed_batch  # noqa: E402
+
+PRETRAIN = ("--dm-dim 8 --dm-dim-mults 1 2 --dm-steps 20 --dm-batch-size 16 --dyn-hidden 32 --dyn-max-steps 40 "
+            "--reward-steps 40 --report-windows 4 --report-iterations 1 --sampler-steps 4 --holdout-fraction 0.1")
+TINY = ["--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--eval-episodes", "1", "--rollout-freq", "50",
+        "--rollout-batch-size", "32", "--rollout-length", "16", "--sampler-steps", "4", "--no-cuda",
+        f"--pretrain-args={PRETRAIN}"]
+
+
+def run(*args, check=True, timeout=600):
+    out = subprocess.run([sys.executable, "dydiff_td3bc.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return tmp_path_factory.mktemp("models"), tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def dydiff_run(dirs):
+    models, runs = dirs
+    out = run(*TINY, "--models-dir", str(models), "--runs-dir", str(runs), "--exp-name", "dydiff",
+              "--total-steps", "120", "--eval-freq", "60")
+    return next(runs.glob("*dydiff__*")), out
+
+
+def test_dydiff_mode_pretrains_first_then_trains_and_logs(dydiff_run, dirs):
+    run_dir, out = dydiff_run
+    assert "no pretrained models" in out.stdout and "pretrain_models.py --env-id maze2d-umaze" in out.stdout
+    assert (dirs[0] / "maze2d-umaze" / "dm.pt").exists()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["total_steps"] == 120 and len(result["evaluations"]) == 2 and result["num_iterations"] == 1
+    assert result["final_normalized_score"] == pytest.approx(np.mean(result["evaluations"]))
+    m = metrics(run_dir)
+    rollouts = [r for r in m if "dydiff/kept_fraction" in r]
+    assert [r["step"] for r in rollouts] == [0, 50, 100]
+    # eta = 0.6 of B_r = 32 kept: floor(19.2) = 19 trajectories of up to L-1 = 15 transitions each
+    assert all(r["dydiff/kept_fraction"] == 19 / 32 for r in rollouts)
+    assert rollouts[0]["dydiff/synthetic_buffer_size"] == 19 * 15
+    assert rollouts[-1]["dydiff/synthetic_buffer_size"] == 3 * 19 * 15
+    assert 0.0 <= rollouts[0]["dydiff/wall_crossing_share"] <= 1.0
+    assert any("eval/normalized_score" in r for r in m) and any("charts/SPS" in r for r in m)
+    assert (run_dir / "synthetic_trajectories.png").stat().st_size > 1000
+    assert (run_dir / "final_policy.pt").exists()
+
+
+def test_base_and_single_step_modes(dydiff_run, dirs):
+    models, runs = dirs
+    run(*TINY, "--models-dir", str(models), "--runs-dir", str(runs), "--exp-name", "base", "--no-dydiff",
+        "--total-steps", "60", "--eval-freq", "60")
+    base = next(runs.glob("*base__*"))
+    assert not any("dydiff/kept_fraction" in r for r in metrics(base))
+    assert json.loads((base / "result.json").read_text())["dydiff"] is False
+    out = run(*TINY, "--models-dir", str(models), "--runs-dir", str(runs), "--exp-name", "m0", "--num-iterations", "0",
+              "--total-steps", "60", "--eval-freq", "60")
+    assert "no pretrained models" not in out.stdout  # found by dataset
+    m0 = next(runs.glob("*m0__*"))
+    assert json.loads((m0 / "result.json").read_text())["num_iterations"] == 0
+    assert any("dydiff/rollout_time" in r for r in metrics(m0))
+
+
+def test_kill_and_resume_reaches_the_same_final_step(dydiff_run, dirs):
+    models, runs = dirs
+    args = [*TINY, "--models-dir", str(models), "--runs-dir", str(runs), "--exp-name", "killed",
+            "--total-steps", "1500", "--eval-freq", "100"]
+    proc = subprocess.Popen([sys.executable, "dydiff_td3bc.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list(runs.glob("*killed__*/checkpoint.pt")):
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    run_dir = next(runs.glob("*killed__*"))
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert 0 < ckpt["step"] < 1500, "the run was killed before it finished"
+    buf = ckpt["synthetic"]
+    assert buf["size"] > 0 and buf["obs"].shape == (buf["size"], 6) and torch.isfinite(buf["obs"]).all()
+    out = run("--resume", str(run_dir), "--total-steps", "1")  # the saved arguments win over the command line
+    assert f"resuming {run_dir} at step {ckpt['step']:,}" in out.stdout
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["total_steps"] == 1500 and len(result["evaluations"]) == 15
+    final = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert final["step"] == 1500 and final["synthetic"]["size"] >= buf["size"]
+    np.testing.assert_array_equal(final["evaluations"][: len(ckpt["evaluations"])], ckpt["evaluations"])
+
+
+def test_bad_inputs_end_in_one_clear_message(dydiff_run, dirs, tmp_path):
+    models, runs = dirs
+    out = run("--env-id", "maze2d-huge", "--runs-dir", str(tmp_path), check=False)
+    assert out.returncode != 0 and "unknown --env-id 'maze2d-huge'" in out.stderr and "Traceback" not in out.stderr
+    out = run(*TINY, "--models-dir", str(models), "--runs-dir", str(tmp_path), "--real-ratio", "1.5", check=False)
+    assert out.returncode != 0 and "--real-ratio must be in [0, 1]" in out.stderr and "Traceback" not in out.stderr
+    # Models made for another dataset (a different seed of the generated maze) are refused.
+    other = tmp_path / "other-models"
+    (other / "maze2d-umaze").mkdir(parents=True)
+    for f in ("dm.pt", "dynamics.pt", "reward.pt"):
+        ckpt = torch.load(models / "maze2d-umaze" / f, weights_only=False)
+        ckpt["fingerprint"], ckpt["dataset_ids"] = "0123456789abcdef", ["local/pointmaze/umaze-other-v2"]
+        torch.save(ckpt, other / "maze2d-umaze" / f)
+    out = run(*TINY, "--models-dir", str(other), "--runs-dir", str(tmp_path), check=False)
+    assert out.returncode != 0 and "was trained on dataset local/pointmaze/umaze-other-v2" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# ----------------------------------------------------------------------------- DyDiff pieces
+def test_hardmax_keeps_exactly_the_top_floor_eta_b():
+    scores = torch.randperm(100).float()
+    keep = filter_trajectories(scores, 0.6, "hardmax", 0.05)
+    assert len(keep) == 60
+    assert sorted(scores[keep].tolist()) == list(range(40, 100))
+    assert len(filter_trajectories(torch.randn(7), 0.6, "hardmax", 0.05)) == 4  # floor(4.2)
+
+
+def test_softmax_filter_limits():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(200)
+    top = set(filter_trajectories(scores, 0.3, "hardmax", 0.05).tolist())
+    for _ in range(5):  # a tiny temperature is hardmax
+        assert set(filter_trajectories(scores, 0.3, "softmax", 1e-4, g).tolist()) == top
+    counts = torch.zeros(200)
+    for _ in range(400):  # a huge temperature is near uniform: every trajectory kept ~30% of the time
+        counts[filter_trajectories(scores, 0.3, "softmax", 1e6, g)] += 1
+    freq = counts / 400
+    assert abs(freq.mean().item() - 0.3) < 1e-6
+    assert freq.min() > 0.15 and freq.max() < 0.45
+    assert np.corrcoef(freq.numpy(), scores.numpy())[0, 1] < 0.3
+    # keeps distinct trajectories (without replacement)
+    keep = filter_trajectories(scores, 0.5, "softmax", 0.05, g)
+    assert len(keep) == len(set(keep.tolist())) == 100
+
+
+def test_batch_mix_follows_the_real_ratio():
+    g = torch.Generator().manual_seed(0)
+    real = {k: torch.zeros(1000, *s) for k, s in
+            (("obs", (3,)), ("actions", (2,)), ("rewards", ()), ("next_obs", (3,)), ("dones", ()))}
+    syn = SyntheticBuffer(500, 3, 2, "cpu")
+    batch, n_syn = mixed_batch(real, syn, 256, 0.6, g)
+    assert n_syn == 0 and batch["obs"].shape == (256, 3)  # empty D_syn: all real
+    syn.add(torch.ones(400, 3), torch.ones(400, 2), torch.ones(400), torch.ones(400, 3), torch.zeros(400))
+    for ratio, expected_syn in ((0.6, 102), (1.0, 0), (0.0, 256)):
+        batch, n_syn = mixed_batch(real, syn, 256, ratio, g)
+        assert n_syn == expected_syn and batch["rewards"].sum().item() == expected_syn  # synthetic rewards are 1
+
+
+def test_synthetic_buffer_is_fifo():
+    buf = SyntheticBuffer(5, 1, 1, "cpu")
+    for start in (0, 3, 6):
+        v = torch.arange(start, start + 3).float()
+        buf.add(v[:, None], v[:, None], v, v[:, None], torch.zeros(3))
+    assert buf.size == 5
+    assert sorted(buf.rewards.tolist()) == [4.0, 5.0, 6.0, 7.0, 8.0]  # the oldest four are gone
+    restored = SyntheticBuffer(5, 1, 1, "cpu")
+    restored.load_state_dict(buf.state_dict())
+    assert torch.equal(restored.rewards, buf.rewards) and restored.ptr == buf.ptr
+
+
+def test_synthetic_trajectories_stop_at_their_first_terminal():
+    dones = torch.tensor([[0, 0, 1, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0.0]])
+    np.testing.assert_array_equal(alive_mask(dones).numpy(), [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
