@@ -28,7 +28,7 @@ from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.dynamics import EnsembleDynamics, RewardModel
 from common.edm import EDMPrecond, MinMaxNormalizer, TemporalUnet, condition_mask, edm_sampler
 from common.envs import evaluate, termination_fn
-from common.pointmaze import in_wall, wall_cells
+from common.pointmaze import crosses_wall, wall_cells
 
 
 @dataclass
@@ -269,7 +269,7 @@ def maze_picture(data, states, keep, path):
     maze = env.unwrapped.maze
     walls = wall_cells(maze)
     xy = states[..., :2].cpu().numpy()
-    crossing = in_wall(maze, xy).any(1)
+    crossing = crosses_wall(maze, xy)
     fig, ax = plt.subplots(figsize=(5, 5 * walls.shape[0] / walls.shape[1]))
     s = maze.maze_size_scaling
     for i, j in zip(*np.nonzero(walls)):
@@ -397,10 +397,14 @@ if __name__ == "__main__":
                                save_code=True)
     metrics_file = open(run_dir / "metrics.jsonl", "a")
 
-    def log(metrics, step):
+    def log(metrics, step, picture=None):
         metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
         metrics_file.flush()
         if wandb_run is not None:
+            if picture is not None:
+                import wandb
+
+                metrics = dict(metrics, **{"dydiff/trajectories": wandb.Image(str(picture))})
             wandb_run.log(metrics, step=step)
 
     # Training loop
@@ -443,13 +447,11 @@ if __name__ == "__main__":
                 "dydiff/return_kept": scores[keep].mean().item(), "dydiff/return_all": scores.mean().item(),
                 "dydiff/synthetic_buffer_size": synthetic.size, "dydiff/terminal_fraction": dones.amax(1).mean().item(),
             }
+            picture = None
             if data.task == "pointmaze" and (global_step % args.eval_freq == 0 or global_step == start_step):
-                rollout_metrics["dydiff/wall_crossing_share"] = maze_picture(data, states, keep, run_dir / "synthetic_trajectories.png")
-                if wandb_run is not None:
-                    import wandb
-
-                    rollout_metrics["dydiff/trajectories"] = wandb.Image(str(run_dir / "synthetic_trajectories.png"))
-            log(rollout_metrics, global_step)
+                picture = run_dir / "synthetic_trajectories.png"
+                rollout_metrics["dydiff/wall_crossing_share"] = maze_picture(data, states, keep, picture)
+            log(rollout_metrics, global_step, picture)
 
         # TD3+BC update
         batch, n_syn = mixed_batch(real, synthetic, args.batch_size, args.real_ratio, gen)

@@ -26,7 +26,7 @@ from common.datasets import OFFLINE_ENV_VAR, gather_windows, load_dataset, segme
 from common.dynamics import EnsembleDynamics, RewardModel
 from common.edm import EMA, EDMPrecond, MinMaxNormalizer, TemporalUnet, condition_mask, edm_loss, edm_sampler
 from common.envs import replay_actions
-from common.pointmaze import in_wall
+from common.pointmaze import crosses_wall
 
 
 @dataclass
@@ -307,7 +307,7 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
 
     if data.task == "pointmaze":  # share of trajectories that pass through a wall
         maze = env.unwrapped.maze
-        report["wall_crossing_share"] = {k: float(in_wall(maze, v[..., :2]).any(1).mean()) for k, v in trajectories.items()}
+        report["wall_crossing_share"] = {k: float(crosses_wall(maze, v[..., :2]).mean()) for k, v in trajectories.items()}
     env.close()
     report["state_error_vs_horizon"] = {k: v.tolist() for k, v in curves.items()}
     report[f"state_error_at_{L - 1}"] = {k: float(v[-1]) for k, v in curves.items()}

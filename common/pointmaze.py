@@ -73,6 +73,15 @@ def in_wall(maze, xy: np.ndarray) -> np.ndarray:
     return ~inside | walls[rows.clip(0, walls.shape[0] - 1), cols.clip(0, walls.shape[1] - 1)]
 
 
+def crosses_wall(maze, xy: np.ndarray, substeps: int = 8) -> np.ndarray:
+    """For trajectories [..., L, 2] of (x, y): whether any state, or any straight segment between
+    consecutive states (checked at `substeps` points), lies in a wall cell or outside the maze."""
+    w = np.linspace(0.0, 1.0, substeps, endpoint=False)[:, None]
+    a, b = xy[..., :-1, None, :], xy[..., 1:, None, :]
+    points = np.concatenate([(a + w * (b - a)).reshape(*xy.shape[:-2], -1, 2), xy[..., -1:, :]], axis=-2)
+    return in_wall(maze, points).any(-1)
+
+
 class WaypointController:
     """Expert of the maze2d datasets: follow cell centres along a shortest path, then go to the goal.
 

@@ -342,3 +342,21 @@ def test_atomic_save_and_refusing_models_of_other_data(tmp_path):
         load_model_file(tmp_path, "dm", "other")
     with pytest.raises(FileNotFoundError, match="pretrain_models.py"):
         load_model_file(tmp_path, "reward", "abc")
+
+
+def test_wall_crossing_of_pointmaze_trajectories(umaze):
+    from common.pointmaze import crosses_wall
+
+    maze = umaze.make_eval_env().unwrapped.maze
+    xy = lambda cells: np.array([maze.cell_rowcol_to_xy(np.array(c)) for c in cells])  # noqa: E731
+    along_corridor = xy([(1, 1), (1, 2), (1, 3), (2, 3), (3, 3)])
+    through_the_middle_wall = xy([(1, 1), (3, 1)])  # one jump over the wall row (2, 1)
+    into_a_wall = xy([(1, 1), (2, 1)])
+    out_of_the_maze = np.array([[0.0, 0.0], [0.0, 9.0]])
+    # Every state of the dataset itself is free of walls.
+    real = umaze.observations[:3000, :2][None]
+    np.testing.assert_array_equal(
+        crosses_wall(maze, np.stack([along_corridor[:2], through_the_middle_wall, into_a_wall, out_of_the_maze])),
+        [False, True, True, True],
+    )
+    assert not crosses_wall(maze, along_corridor) and not crosses_wall(maze, real).any()

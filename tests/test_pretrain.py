@@ -1,6 +1,7 @@
 """pretrain_models.py end to end on a tiny dataset: model files that load, a report, resume, refusal."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ TINY = [
 ]
 
 
-def run(*args, check=True):
-    out = subprocess.run([sys.executable, "pretrain_models.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def run(*args, check=True, env=None):
+    env = None if env is None else {**os.environ, **env}
+    out = subprocess.run([sys.executable, "pretrain_models.py", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=env)
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
@@ -31,7 +34,9 @@ def run(*args, check=True):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     models_dir = tmp_path_factory.mktemp("models")
-    out = run(*TINY, "--models-dir", str(models_dir))
+    wandb_dir = tmp_path_factory.mktemp("wandb")
+    out = run(*TINY, "--models-dir", str(models_dir), "--track", env={"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)})
+    assert list(wandb_dir.glob("wandb/offline-run-*")), "--track logs to W&B (offline here)"
     return models_dir, out
 
 

@@ -1,6 +1,7 @@
 """dydiff_td3bc.py: subprocess runs in base, M = 0 and DyDiff modes, resume, bad inputs; its DyDiff pieces."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,8 +23,10 @@ TINY = ["--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--eval-episodes
         f"--pretrain-args={PRETRAIN}"]
 
 
-def run(*args, check=True, timeout=600):
-    out = subprocess.run([sys.executable, "dydiff_td3bc.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def run(*args, check=True, timeout=600, env=None):
+    env = None if env is None else {**os.environ, **env}
+    out = subprocess.run([sys.executable, "dydiff_td3bc.py", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout, env=env)
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
@@ -73,8 +76,11 @@ def test_base_and_single_step_modes(dydiff_run, dirs):
     base = next(runs.glob("*base__*"))
     assert not any("dydiff/kept_fraction" in r for r in metrics(base))
     assert json.loads((base / "result.json").read_text())["dydiff"] is False
+    wandb_dir = runs / "wandb-files"
+    wandb_dir.mkdir()
     out = run(*TINY, "--models-dir", str(models), "--runs-dir", str(runs), "--exp-name", "m0", "--num-iterations", "0",
-              "--total-steps", "60", "--eval-freq", "60")
+              "--total-steps", "60", "--eval-freq", "60", "--track", env={"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)})
+    assert list(wandb_dir.glob("wandb/offline-run-*")), "--track logs to W&B (offline here)"
     assert "no pretrained models" not in out.stdout  # found by dataset
     m0 = next(runs.glob("*m0__*"))
     assert json.loads((m0 / "result.json").read_text())["num_iterations"] == 0
