@@ -23,10 +23,9 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from common.checkpoints import atomic_save, load_model_file, models_folder
+from common.checkpoints import atomic_save, load_dm, load_dynamics, load_reward, models_folder
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
-from common.dynamics import EnsembleDynamics, RewardModel
-from common.edm import EDMPrecond, MinMaxNormalizer, TemporalUnet, condition_mask, edm_sampler
+from common.edm import condition_mask, edm_sampler
 from common.envs import evaluate, termination_fn
 from common.pointmaze import crosses_wall, wall_cells
 
@@ -238,26 +237,6 @@ def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
     return batch, n_syn
 
 
-def load_pretrained(folder, data, rollout_length, device):
-    """The DM (EMA weights + normalizer), the dynamics ensemble and the reward model made for `data`."""
-    dm = load_model_file(folder, "dm", data.fingerprint)
-    if dm["horizon"] != rollout_length:
-        raise SystemExit(f"the DM in {folder} was trained with L={dm['horizon']}, not --rollout-length {rollout_length}; "
-                         f"use --rollout-length {dm['horizon']} or pretrain with --horizon {rollout_length}")
-    C = dm["state_dim"] + dm["action_dim"]
-    denoiser = EDMPrecond(TemporalUnet(C, dim=dm["dim"], dim_mults=tuple(dm["dim_mults"])), sigma_data=dm["sigma_data"])
-    denoiser.load_state_dict(dm["state_dict"])
-    normalizer = MinMaxNormalizer(torch.zeros(C), torch.ones(C))
-    normalizer.load_state_dict(dm["normalizer"])
-    dyn = load_model_file(folder, "dynamics", data.fingerprint)
-    dynamics = EnsembleDynamics(**dyn["config"])
-    dynamics.load_state_dict(dyn["state_dict"])
-    rew = load_model_file(folder, "reward", data.fingerprint)
-    reward_model = RewardModel(**rew["config"])
-    reward_model.load_state_dict(rew["state_dict"])
-    return denoiser.to(device).eval(), normalizer.to(device), dynamics.to(device).eval(), reward_model.to(device).eval()
-
-
 def maze_picture(data, states, keep, path):
     """PointMaze: sampled synthetic trajectories over the maze walls; returns the share crossing a wall."""
     import matplotlib
@@ -348,9 +327,15 @@ if __name__ == "__main__":
             if subprocess.run(cmd).returncode != 0:
                 raise SystemExit("pretraining failed; see its message above")
         try:
-            denoiser, dm_normalizer, dynamics, reward_model = load_pretrained(folder, data, args.rollout_length, device)
+            denoiser, dm_normalizer, dm_info = load_dm(folder, data.fingerprint, device)
+            dynamics = load_dynamics(folder, data.fingerprint, device)
+            reward_model = load_reward(folder, data.fingerprint, device)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(str(e))
+        if dm_info["horizon"] != args.rollout_length:
+            raise SystemExit(f"the DM in {folder} was trained with L={dm_info['horizon']}, not --rollout-length "
+                             f"{args.rollout_length}; use --rollout-length {dm_info['horizon']} or pretrain with --horizon "
+                             f"{args.rollout_length}")
         is_terminal = termination_fn(data.task)
         cond_mask = condition_mask(args.rollout_length, S, A, device=device)
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from common.checkpoints import MODEL_FILES, atomic_save, models_folder
+from common.checkpoints import MODEL_FILES, atomic_save, load_dm, load_dynamics, load_reward, models_folder
 from common.datasets import OFFLINE_ENV_VAR, gather_windows, load_dataset, segment_windows
 from common.dynamics import EnsembleDynamics, RewardModel
 from common.edm import EMA, EDMPrecond, MinMaxNormalizer, TemporalUnet, condition_mask, edm_loss, edm_sampler
@@ -216,16 +216,6 @@ def train_dm(args, data, train_segs, device, folder, log):
     return ema.module.eval(), normalizer
 
 
-def load_dm(folder, device):
-    ckpt = torch.load(folder / MODEL_FILES["dm"], map_location=device, weights_only=False)
-    net = TemporalUnet(ckpt["state_dim"] + ckpt["action_dim"], dim=ckpt["dim"], dim_mults=tuple(ckpt["dim_mults"]))
-    denoiser = EDMPrecond(net, sigma_data=ckpt["sigma_data"]).to(device)
-    denoiser.load_state_dict(ckpt["state_dict"])
-    normalizer = MinMaxNormalizer(torch.zeros(ckpt["state_dim"] + ckpt["action_dim"]), torch.ones(ckpt["state_dim"] + ckpt["action_dim"]))
-    normalizer.load_state_dict(ckpt["normalizer"])
-    return denoiser.eval(), normalizer.to(device)
-
-
 def sample_states(denoiser, normalizer, s0, actions, args, gen):
     """DM states s_0..s_{L-1} given s0 [B, S] and actions [B, L, A] (raw units), by Algorithm 2."""
     B, L, A = actions.shape
@@ -400,7 +390,7 @@ if __name__ == "__main__":
     dynamics = EnsembleDynamics(S, data.action_dim, num_members=args.dyn_members, num_elites=args.dyn_elites,
                                 hidden=args.dyn_hidden).to(device)
     if finished("dynamics"):
-        dynamics.load_state_dict(torch.load(folder / MODEL_FILES["dynamics"], map_location=device, weights_only=False)["state_dict"])
+        dynamics = load_dynamics(folder, data.fingerprint, device)
         print("dynamics ensemble: already trained, kept")
     else:
         stats = dynamics.fit(data.observations[:n_train, :S], data.actions[:n_train], data.next_observations[:n_train, :S],
@@ -415,7 +405,7 @@ if __name__ == "__main__":
     t0 = time.time()
     reward_model = RewardModel(data.obs_dim, data.action_dim).to(device)
     if finished("reward"):
-        reward_model.load_state_dict(torch.load(folder / MODEL_FILES["reward"], map_location=device, weights_only=False)["state_dict"])
+        reward_model = load_reward(folder, data.fingerprint, device)
         print("reward model: already trained, kept")
     else:
         stats = reward_model.fit(data.observations[:n_train], data.actions[:n_train], data.rewards[:n_train],
@@ -428,7 +418,7 @@ if __name__ == "__main__":
     # 3. Diffusion model
     t0 = time.time()
     if finished("dm"):
-        denoiser, normalizer = load_dm(folder, device)
+        denoiser, normalizer, _ = load_dm(folder, data.fingerprint, device)
         print("diffusion model: already trained, kept")
     else:
         denoiser, normalizer = train_dm(args, data, train_segs, device, folder, log)

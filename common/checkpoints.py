@@ -41,3 +41,36 @@ def load_model_file(folder, name: str, fingerprint: str | None = None, map_locat
             f"`python pretrain_models.py --env-id <env-id>` or point --models-dir elsewhere"
         )
     return ckpt
+
+
+def load_dm(folder, fingerprint: str | None = None, device="cpu"):
+    """The pretrained DM (EMA weights, eval mode) and its min/max normalizer, from {folder}/dm.pt."""
+    from common.edm import EDMPrecond, MinMaxNormalizer, TemporalUnet
+
+    ckpt = load_model_file(folder, "dm", fingerprint)
+    C = ckpt["state_dim"] + ckpt["action_dim"]
+    denoiser = EDMPrecond(TemporalUnet(C, dim=ckpt["dim"], dim_mults=tuple(ckpt["dim_mults"])), sigma_data=ckpt["sigma_data"])
+    denoiser.load_state_dict(ckpt["state_dict"])
+    normalizer = MinMaxNormalizer(torch.zeros(C), torch.ones(C))
+    normalizer.load_state_dict(ckpt["normalizer"])
+    return denoiser.to(device).eval(), normalizer.to(device), ckpt
+
+
+def load_dynamics(folder, fingerprint: str | None = None, device="cpu"):
+    """The pretrained dynamics ensemble, from {folder}/dynamics.pt."""
+    from common.dynamics import EnsembleDynamics
+
+    ckpt = load_model_file(folder, "dynamics", fingerprint)
+    model = EnsembleDynamics(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval()
+
+
+def load_reward(folder, fingerprint: str | None = None, device="cpu"):
+    """The pretrained reward model, from {folder}/reward.pt."""
+    from common.dynamics import RewardModel
+
+    ckpt = load_model_file(folder, "reward", fingerprint)
+    model = RewardModel(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval()

@@ -50,9 +50,13 @@ def test_writes_model_files_that_load_for_this_dataset(pretrained):
         assert ckpt["dataset_ids"] == list(data.dataset_ids)
     dm = load_model_file(folder, "dm", data.fingerprint)
     assert dm["horizon"] == 16 and "normalizer" in dm
-    from pretrain_models import load_dm
+    from common.checkpoints import load_dm, load_dynamics, load_reward
 
-    denoiser, normalizer = load_dm(folder, torch.device("cpu"))
+    denoiser, normalizer, _ = load_dm(folder, data.fingerprint)
+    dynamics, reward = load_dynamics(folder, data.fingerprint), load_reward(folder, data.fingerprint)
+    obs = torch.as_tensor(data.observations[:5])
+    assert dynamics.predict(obs[:, :4], torch.as_tensor(data.actions[:5])).shape == (5, 4)
+    assert reward(obs, torch.as_tensor(data.actions[:5])).shape == (5,)
     x = normalizer.normalize(torch.as_tensor(np.c_[data.observations[:16, :4], data.actions[:16]])[None])
     assert denoiser(x, torch.tensor([1.0])).shape == (1, 16, 6)
     assert not (folder / ".dm.pt.tmp").exists()
