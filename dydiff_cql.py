@@ -1,0 +1,630 @@
+# Docs: README.md, section "dydiff_cql.py"
+"""CQL (Kumar et al., 2020; SAC-based, as CORL's cql.py) with DyDiff data augmentation (arXiv 2405.19189,
+Algorithm 1), offline.
+
+Every `rollout_freq` gradient steps the learning policy rolls out synthetic trajectories: a dynamics
+ensemble gives the first draft, the diffusion model (DM) re-samples the states given s_0 and the
+actions M times while the policy relabels the actions with samples a_t ~ pi(.|s_t), a reward model
+scores them, the best are kept and pushed into a FIFO synthetic buffer that is mixed into each batch
+at the real ratio. `--no-dydiff` is the plain CQL; `--num-iterations 0` uses single-step-model rollouts only.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from common.checkpoints import atomic_save, load_dm, load_dynamics, load_reward, models_folder
+from common.datasets import OFFLINE_ENV_VAR, load_dataset
+from common.edm import condition_mask, edm_sampler
+from common.envs import evaluate, termination_fn
+from common.pointmaze import crosses_wall, wall_cells
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "dydiff"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    wandb_group: Optional[str] = None
+    """the wandb group of the run"""
+    runs_dir: str = "runs"
+    """each run writes metrics, checkpoints and pictures to {runs_dir}/{run_name}/"""
+    resume: Optional[str] = None
+    """a run folder to continue (a killed run resumes from its last checkpoint to the same total steps)"""
+
+    # Data and pretrained models
+    env_id: str = "maze2d-umaze"
+    """D4RL-style name (maze2d-large, hopper-medium, ...) or a Minari dataset id"""
+    offline: bool = False
+    """never try to download a dataset (also: DYDIFF_OFFLINE=1)"""
+    dataset_steps: int = 1_000_000
+    """steps of a locally generated PointMaze dataset"""
+    models_dir: str = "models"
+    """pretrained models are read from {models_dir}/{env_id}/ (made first if missing)"""
+    pretrain_args: str = ""
+    """extra flags for pretrain_models.py when the models must be made first, e.g. '--dm-steps 8000'"""
+
+    # CQL (Kumar et al. 2020), SAC-based; defaults from CORL's configs/offline/cql/*
+    total_steps: int = 1_000_000
+    """gradient steps"""
+    batch_size: int = 256
+    """B: transitions per gradient step"""
+    policy_lr: float = 3e-5
+    """learning rate of the policy and of the entropy temperature alpha (CORL: 3e-5, maze2d and MuJoCo)"""
+    qf_lr: float = 3e-4
+    """learning rate of the critics and of the Lagrange multiplier alpha'"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target network update rate"""
+    cql_n_actions: int = 10
+    """actions sampled per state (uniform, pi(.|s), pi(.|s')) for the conservative term"""
+    cql_temperature: float = 1.0
+    """temperature of the conservative term's logsumexp"""
+    cql_alpha: float = 10.0
+    """weight of the conservative term (fixed), or the scale of the Lagrange multiplier alpha'"""
+    cql_lagrange: Optional[bool] = None
+    """--cql-lagrange/--no-cql-lagrange: tune alpha' to hold the gap at the target; default True maze2d, False MuJoCo"""
+    cql_target_action_gap: float = 5.0
+    """target of (logsumexp Q - Q on dataset actions) in the Lagrange variant"""
+    bc_steps: int = 0
+    """first steps of the policy trained by behaviour cloning (log-likelihood) instead of Q"""
+    normalize_states: bool = True
+    """z-score observations with the real dataset's statistics"""
+    eval_freq: int = 5000
+    """evaluate (and checkpoint) every this many steps"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+
+    # DyDiff (paper Table 4)
+    dydiff: bool = True
+    """augment with DyDiff rollouts; --no-dydiff is the plain base algorithm"""
+    rollout_freq: int = 500
+    """gradient steps between two rollout steps"""
+    rollout_batch_size: int = 2048
+    """B_r: synthetic trajectories per rollout step"""
+    rollout_length: int = 100
+    """L: length of a synthetic trajectory (the DM's horizon)"""
+    num_iterations: Optional[int] = None
+    """M: DM <-> policy refinement iterations (paper Alg. 1); default 1 maze2d, 2 MuJoCo; 0 = ensemble only"""
+    filter: Literal["softmax", "hardmax"] = "softmax"
+    """trajectory filter: top-k (hardmax) or sampling without replacement p ~ exp(z-scored return / T)"""
+    filter_temperature: float = 0.05
+    """T of the softmax filter"""
+    filter_proportion: Optional[float] = None
+    """eta: fraction of trajectories kept; default 0.6 (maze2d, medium), 0.8 (medium-replay, medium-expert)"""
+    real_ratio: float = 0.6
+    """alpha: fraction of real transitions in a batch (all real while the synthetic buffer is empty)"""
+    synthetic_buffer_size: int = 2_000_000
+    """capacity of the FIFO synthetic buffer (transitions)"""
+    average_with_previous: bool = False
+    """the released code's variant: average new DM states with the previous iteration's"""
+    sampler_steps: int = 34
+    """N: EDM sampler steps (paper Table 3)"""
+
+
+def defaults_for(args: Args, env_id: str) -> Args:
+    """Fill the per-dataset defaults of paper Table 4 and of CORL's CQL configs."""
+    if args.num_iterations is None:
+        args.num_iterations = 1 if "maze" in env_id else 2
+    if args.filter_proportion is None:
+        args.filter_proportion = 0.8 if ("medium-replay" in env_id or "medium-expert" in env_id) else 0.6
+    if args.cql_lagrange is None:  # CORL: maze2d configs use the Lagrange variant, MuJoCo a fixed weight
+        args.cql_lagrange = "maze" in env_id
+    return args
+
+
+def check_args(args: Args) -> None:
+    """One clear message per invalid hyper-parameter."""
+    problems = []
+    if not 0.0 <= args.real_ratio <= 1.0:
+        problems.append(f"--real-ratio must be in [0, 1], got {args.real_ratio}")
+    if not 0.0 < args.filter_proportion <= 1.0:
+        problems.append(f"--filter-proportion must be in (0, 1], got {args.filter_proportion}")
+    if args.num_iterations < 0:
+        problems.append(f"--num-iterations must be >= 0, got {args.num_iterations}")
+    if args.bc_steps < 0:
+        problems.append(f"--bc-steps must be >= 0, got {args.bc_steps}")
+    for name in ("filter_temperature", "cql_temperature", "policy_lr", "qf_lr"):
+        if getattr(args, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("total_steps", "batch_size", "eval_freq", "eval_episodes", "rollout_freq", "rollout_batch_size",
+                 "synthetic_buffer_size", "cql_n_actions"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.rollout_length < 2:
+        problems.append(f"--rollout-length must be >= 2, got {args.rollout_length}")
+    if problems:
+        raise SystemExit("; ".join(problems))
+
+
+def flag_pair(argv, name="--cql-lagrange"):
+    """Accept `--cql-lagrange` / `--no-cql-lagrange` for the Optional[bool] flag (None = per-dataset default)."""
+    out, no = [], "--no-" + name[2:]
+    for i, a in enumerate(argv):
+        if a == no:
+            out += [name, "False"]
+        elif a == name and (i + 1 == len(argv) or argv[i + 1] not in ("None", "True", "False")):
+            out += [name, "True"]
+        else:
+            out.append(a)
+    return out
+
+
+def mlp(in_dim, out_dim, hidden=256, layers=3):
+    dims = [in_dim] + [hidden] * layers
+    mods = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        mods += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*mods, nn.Linear(dims[-1], out_dim))
+
+
+class TanhGaussianPolicy(nn.Module):
+    """a = max_action * tanh(u), u ~ N(mean(s), std(s)); log-prob with the tanh (and scale) change of variables."""
+
+    def __init__(self, obs_dim, action_dim, max_action, log_std_min=-20.0, log_std_max=2.0):
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * action_dim)
+        self.max_action, self.log_std_min, self.log_std_max = max_action, log_std_min, log_std_max
+
+    def _params(self, obs):
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(self.log_std_min, self.log_std_max)
+
+    def _log_prob(self, u, mean, log_std):
+        gauss = (-0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), numerically stable
+        log_det = (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))).sum(-1) + u.shape[-1] * math.log(self.max_action)
+        return gauss - log_det
+
+    def forward(self, obs, deterministic=False):
+        """(action, log pi(action|obs)); deterministic gives max_action * tanh(mean)."""
+        mean, log_std = self._params(obs)
+        u = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
+        return self.max_action * torch.tanh(u), self._log_prob(u, mean, log_std)
+
+    def log_prob(self, obs, actions):
+        """log pi(actions|obs) of given actions (behaviour cloning warm-up)."""
+        mean, log_std = self._params(obs)
+        u = torch.atanh((actions / self.max_action).clamp(-1 + 1e-6, 1 - 1e-6))
+        return self._log_prob(u, mean, log_std)
+
+
+class Critic(nn.Module):
+    def __init__(self, obs_dim, action_dim):
+        super().__init__()
+        self.net = mlp(obs_dim + action_dim, 1)
+
+    def forward(self, obs, action):
+        return self.net(torch.cat([obs, action], dim=-1)).squeeze(-1)
+
+
+class Scalar(nn.Module):
+    """A learnable scalar (log alpha, log alpha')."""
+
+    def __init__(self, init):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self):
+        return self.value
+
+
+def cql_penalty(q_data, q_rand, q_curr, logp_curr, q_next, logp_next, rand_log_density, temperature=1.0):
+    """Per-state conservative term [B]: T * logsumexp over the 3N importance-weighted sampled actions of Q/T, minus Q on
+    the dataset action. Samples: uniform (density rand_log_density), pi(.|s) and pi(.|s') (their log pi), all at s."""
+    cat = torch.cat([q_rand - rand_log_density, q_next - logp_next, q_curr - logp_curr], dim=1)
+    return torch.logsumexp(cat / temperature, dim=1) * temperature - q_data
+
+
+def alpha_prime_value(log_alpha_prime):
+    """alpha' = exp(log alpha') clamped to [0, 1e6] (CORL)."""
+    return log_alpha_prime().exp().clamp(0.0, 1e6)
+
+
+def lagrange_loss(log_alpha_prime, gap1, gap2, cql_alpha, target_action_gap):
+    """Dual loss of alpha': minimising it raises alpha' while the gaps are above the target, lowers it below."""
+    alpha_prime = alpha_prime_value(log_alpha_prime)
+    return -0.5 * alpha_prime * cql_alpha * ((gap1.detach() - target_action_gap) + (gap2.detach() - target_action_gap))
+
+
+class SyntheticBuffer:
+    """FIFO ring buffer of synthetic transitions, preallocated on the device."""
+
+    def __init__(self, capacity, obs_dim, action_dim, device):
+        self.capacity, self.size, self.ptr = capacity, 0, 0
+        self.obs = torch.zeros(capacity, obs_dim, device=device)
+        self.actions = torch.zeros(capacity, action_dim, device=device)
+        self.rewards = torch.zeros(capacity, device=device)
+        self.next_obs = torch.zeros(capacity, obs_dim, device=device)
+        self.dones = torch.zeros(capacity, device=device)
+
+    def add(self, obs, actions, rewards, next_obs, dones):
+        n = len(obs)
+        if n > self.capacity:  # only the newest fit
+            obs, actions, rewards, next_obs, dones = (x[-self.capacity:] for x in (obs, actions, rewards, next_obs, dones))
+            n = self.capacity
+        idx = (self.ptr + torch.arange(n, device=self.obs.device)) % self.capacity
+        for buf, x in ((self.obs, obs), (self.actions, actions), (self.rewards, rewards), (self.next_obs, next_obs),
+                       (self.dones, dones)):
+            buf[idx] = x.to(buf.dtype)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def state_dict(self):
+        s = self.size
+        return dict(capacity=self.capacity, size=s, ptr=self.ptr, obs=self.obs[:s].cpu(), actions=self.actions[:s].cpu(),
+                    rewards=self.rewards[:s].cpu(), next_obs=self.next_obs[:s].cpu(), dones=self.dones[:s].cpu())
+
+    def load_state_dict(self, d):
+        s = d["size"]
+        for name in ("obs", "actions", "rewards", "next_obs", "dones"):
+            getattr(self, name)[:s] = d[name].to(self.obs.device)
+        self.size, self.ptr = s, d["ptr"]
+
+
+def filter_trajectories(scores, proportion, method, temperature, generator=None):
+    """Indices of the floor(eta * B_r) trajectories kept: top-k (hardmax) or softmax sampling without replacement."""
+    k = int(np.floor(proportion * len(scores)))
+    if method == "hardmax":
+        return torch.topk(scores, k).indices
+    z = (scores - scores.mean()) / (scores.std() + 1e-8)
+    # Gumbel top-k draws k items without replacement with p proportional to exp(z / T).
+    u = torch.rand(scores.shape, generator=generator, device=generator.device if generator is not None else scores.device)
+    gumbel = -torch.log(-torch.log(u.to(scores.device).clamp_min(1e-20)))
+    return torch.topk(z / temperature + gumbel, k).indices
+
+
+def alive_mask(dones):
+    """[B, L-1] mask of the transitions before and at each trajectory's first terminal."""
+    ones = torch.ones_like(dones[:, :1])
+    return torch.cat([ones, 1.0 - dones[:, :-1]], dim=1).cumprod(dim=1)
+
+
+def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
+    """A batch of round(real_ratio * B) real transitions and the rest synthetic (all real while D_syn is empty)."""
+    n_syn = 0 if synthetic.size == 0 else batch_size - int(round(real_ratio * batch_size))
+    n_real = batch_size - n_syn
+    dev = real["obs"].device
+    ri = torch.randint(len(real["obs"]), (n_real,), device=dev, generator=generator)
+    batch = {k: v[ri] for k, v in real.items()}
+    if n_syn:
+        si = torch.randint(synthetic.size, (n_syn,), device=dev, generator=generator)
+        syn = dict(obs=synthetic.obs[si], actions=synthetic.actions[si], rewards=synthetic.rewards[si],
+                   next_obs=synthetic.next_obs[si], dones=synthetic.dones[si])
+        batch = {k: torch.cat([batch[k], syn[k]]) for k in batch}
+    return batch, n_syn
+
+
+def maze_picture(data, states, keep, path):
+    """PointMaze: sampled synthetic trajectories over the maze walls; returns the share crossing a wall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env = data.make_eval_env()
+    maze = env.unwrapped.maze
+    walls = wall_cells(maze)
+    xy = states[..., :2].cpu().numpy()
+    crossing = crosses_wall(maze, xy)
+    fig, ax = plt.subplots(figsize=(5, 5 * walls.shape[0] / walls.shape[1]))
+    s = maze.maze_size_scaling
+    for i, j in zip(*np.nonzero(walls)):
+        x, y = maze.cell_rowcol_to_xy(np.array([i, j]))
+        ax.add_patch(plt.Rectangle((x - s / 2, y - s / 2), s, s, color="0.3"))
+    kept = np.zeros(len(xy), dtype=bool)
+    kept[keep.cpu().numpy()] = True
+    for n in range(min(64, len(xy))):
+        ax.plot(xy[n, :, 0], xy[n, :, 1], lw=0.8, color=("tab:red" if crossing[n] else "tab:blue"),
+                alpha=0.9 if kept[n] else 0.3)
+    ax.set_aspect("equal")
+    ax.set_xlim(-maze.x_map_center, maze.x_map_center)
+    ax.set_ylim(-maze.y_map_center, maze.y_map_center)
+    ax.set_title(f"synthetic trajectories (red: through a wall, {crossing.mean():.0%}; faint: filtered out)", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name)
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    env.close()
+    return float(crossing.mean())
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, args=flag_pair(sys.argv[1:]))
+    run_dir = None
+    if args.resume:  # continue a killed run with its own arguments
+        run_dir = Path(args.resume)
+        if not (run_dir / "checkpoint.pt").exists():
+            raise SystemExit(f"--resume {run_dir}: no checkpoint.pt there; pass the folder of a run that has evaluated once")
+        saved = json.loads((run_dir / "args.json").read_text())
+        args = Args(**{**saved, "resume": str(run_dir)})
+    args = defaults_for(args, args.env_id)
+    check_args(args)
+    if args.offline:
+        os.environ[OFFLINE_ENV_VAR] = "1"
+
+    # Seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    # Data
+    try:
+        data = load_dataset(args.env_id, num_steps=args.dataset_steps)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e))
+    S, A, obs_dim = data.state_dim, data.action_dim, data.obs_dim
+    eval_env = data.make_eval_env()
+    max_action = float(eval_env.action_space.high[0])
+    obs_mean = torch.as_tensor(data.observations.mean(0) if args.normalize_states else np.zeros(obs_dim),
+                               dtype=torch.float32, device=device)
+    obs_std = torch.as_tensor(data.observations.std(0) + 1e-3 if args.normalize_states else np.ones(obs_dim),
+                              dtype=torch.float32, device=device)
+    real = dict(  # the whole real dataset, on the device
+        obs=torch.as_tensor(data.observations, device=device), actions=torch.as_tensor(data.actions, device=device),
+        rewards=torch.as_tensor(data.rewards, device=device), next_obs=torch.as_tensor(data.next_observations, device=device),
+        dones=torch.as_tensor(data.terminals, dtype=torch.float32, device=device),
+    )
+
+    # Pretrained models (made first if missing)
+    if args.dydiff:
+        folder = models_folder(args.models_dir, args.env_id)
+        if not all((folder / f).exists() for f in ("dm.pt", "dynamics.pt", "reward.pt")):
+            import shlex
+            import subprocess
+
+            cmd = [sys.executable, str(Path(__file__).with_name("pretrain_models.py")), "--env-id", args.env_id,
+                   "--models-dir", args.models_dir, "--dataset-steps", str(args.dataset_steps),
+                   "--horizon", str(args.rollout_length), *shlex.split(args.pretrain_args)]
+            print(f"no pretrained models in {folder}: making them first (to do it separately: {shlex.join(cmd[1:])})")
+            if subprocess.run(cmd).returncode != 0:
+                raise SystemExit("pretraining failed; see its message above")
+        try:
+            denoiser, dm_normalizer, dm_info = load_dm(folder, data.fingerprint, device)
+            dynamics = load_dynamics(folder, data.fingerprint, device)
+            reward_model = load_reward(folder, data.fingerprint, device)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(str(e))
+        if dm_info["horizon"] != args.rollout_length:
+            raise SystemExit(f"the DM in {folder} was trained with L={dm_info['horizon']}, not --rollout-length "
+                             f"{args.rollout_length}; use --rollout-length {dm_info['horizon']} or pretrain with --horizon "
+                             f"{args.rollout_length}")
+        is_terminal = termination_fn(data.task)
+        cond_mask = condition_mask(args.rollout_length, S, A, device=device)
+
+    # Networks
+    actor = TanhGaussianPolicy(obs_dim, A, max_action).to(device)
+    qf1, qf2 = Critic(obs_dim, A).to(device), Critic(obs_dim, A).to(device)
+    qf1_target, qf2_target = Critic(obs_dim, A).to(device), Critic(obs_dim, A).to(device)
+    qf1_target.load_state_dict(qf1.state_dict())
+    qf2_target.load_state_dict(qf2.state_dict())
+    log_alpha, log_alpha_prime = Scalar(0.0).to(device), Scalar(1.0).to(device)
+    target_entropy = -float(A)
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.qf_lr)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+    alpha_optimizer = torch.optim.Adam(log_alpha.parameters(), lr=args.policy_lr)  # as CORL: the policy's lr
+    alpha_prime_optimizer = torch.optim.Adam(log_alpha_prime.parameters(), lr=args.qf_lr)
+    synthetic = SyntheticBuffer(args.synthetic_buffer_size, obs_dim, A, device)
+    rand_log_density = A * math.log(0.5 / max_action)  # uniform on [-max_action, max_action]^A
+
+    def policy(obs):
+        """The learning policy on raw observations, sampling a ~ pi(.|s) (what the rollout and relabelling call)."""
+        return actor((obs - obs_mean) / obs_std)[0]
+
+    def policy_deterministic(obs):
+        """max_action * tanh(mean): the action evaluated in the environment."""
+        return actor((obs - obs_mean) / obs_std, deterministic=True)[0]
+
+    start_step, evaluations = 0, []
+    modules = ((actor, "actor"), (qf1, "qf1"), (qf2, "qf2"), (qf1_target, "qf1_target"), (qf2_target, "qf2_target"),
+               (log_alpha, "log_alpha"), (log_alpha_prime, "log_alpha_prime"), (q_optimizer, "q_optimizer"),
+               (actor_optimizer, "actor_optimizer"), (alpha_optimizer, "alpha_optimizer"),
+               (alpha_prime_optimizer, "alpha_prime_optimizer"), (synthetic, "synthetic"))
+    if run_dir is not None:
+        ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
+        for module, key in modules:
+            module.load_state_dict(ckpt[key])
+        gen.set_state(ckpt["generator"].cpu())
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_step, evaluations = ckpt["step"], ckpt["evaluations"]
+        run_name = run_dir.name
+        print(f"resuming {run_dir} at step {start_step:,}")
+    else:
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = Path(args.runs_dir) / run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+
+    wandb_run = None
+    if args.track:
+        import wandb
+
+        wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
+                               config=vars(args), name=run_name, id=run_name.replace("/", "_")[-64:], resume="allow",
+                               save_code=True)
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+
+    def log(metrics, step, picture=None):
+        metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        metrics_file.flush()
+        if wandb_run is not None:
+            if picture is not None:
+                import wandb
+
+                metrics = dict(metrics, **{"dydiff/trajectories": wandb.Image(str(picture))})
+            wandb_run.log(metrics, step=step)
+
+    # Training loop
+    start_time, sps_steps = time.time(), 0
+    for global_step in tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps,
+                            desc=run_name, mininterval=5.0):
+        # DyDiff rollout step (paper Algorithm 1)
+        if args.dydiff and global_step % args.rollout_freq == 0:
+            t0 = time.time()
+            B_r, L = args.rollout_batch_size, args.rollout_length
+            with torch.no_grad():
+                # a. start states from the real dataset; the context (goal) rides along unchanged
+                idx = torch.randint(data.size, (B_r,), device=device, generator=gen)
+                s0, context = real["obs"][idx, :S], real["obs"][idx, S:]
+                # b. autoregressive rollout of the learning (sampling) policy in the dynamics ensemble
+                states, actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
+                # c. M rounds: DM states given (s_0, actions), then relabel every action with a_t ~ pi(.|s_t)
+                for _ in range(args.num_iterations):
+                    cond = torch.cat([s0[:, None, :].expand(B_r, L, S), actions], dim=-1)
+                    x = edm_sampler(denoiser, dm_normalizer.normalize(cond), cond_mask, num_steps=args.sampler_steps,
+                                    generator=gen)
+                    new_states = torch.cat([s0[:, None], dm_normalizer.unnormalize(x)[:, 1:, :S]], dim=1)
+                    states = 0.5 * (states + new_states) if args.average_with_previous else new_states
+                    obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
+                    actions = policy(obs.reshape(B_r * L, obs_dim)).reshape(B_r, L, A)
+                obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
+                # d. rewards from r_psi; a trajectory ends at its first terminal
+                rewards = reward_model(obs[:, :-1].reshape(-1, obs_dim), actions[:, :-1].reshape(-1, A)).reshape(B_r, L - 1)
+                dones = is_terminal(states[:, 1:]).float()
+                alive = alive_mask(dones)
+                scores = (rewards * alive).sum(dim=1)
+                # e. filter by predicted return
+                keep = filter_trajectories(scores, args.filter_proportion, args.filter, args.filter_temperature, gen)
+                # f. push every transition of the kept trajectories (up to the first terminal) into D_syn
+                valid = alive[keep].bool()
+                synthetic.add(obs[keep, :-1][valid], actions[keep, :-1][valid], rewards[keep][valid],
+                              obs[keep, 1:][valid], dones[keep][valid])
+            rollout_metrics = {
+                "dydiff/rollout_time": time.time() - t0, "dydiff/kept_fraction": len(keep) / B_r,
+                "dydiff/return_kept": scores[keep].mean().item(), "dydiff/return_all": scores.mean().item(),
+                "dydiff/synthetic_buffer_size": synthetic.size, "dydiff/terminal_fraction": dones.amax(1).mean().item(),
+            }
+            picture = None
+            if data.task == "pointmaze" and (global_step % args.eval_freq == 0 or global_step == start_step):
+                picture = run_dir / "synthetic_trajectories.png"
+                rollout_metrics["dydiff/wall_crossing_share"] = maze_picture(data, states, keep, picture)
+            log(rollout_metrics, global_step, picture)
+
+        # CQL update
+        batch, n_syn = mixed_batch(real, synthetic, args.batch_size, args.real_ratio, gen)
+        obs, next_obs = (batch["obs"] - obs_mean) / obs_std, (batch["next_obs"] - obs_mean) / obs_std
+        B, N = len(obs), args.cql_n_actions
+
+        # policy and entropy temperature (SAC; behaviour cloning during the first bc_steps)
+        new_actions, log_pi = actor(obs)
+        alpha_loss = -(log_alpha() * (log_pi + target_entropy).detach()).mean()
+        alpha = log_alpha().exp().detach()
+        if global_step < args.bc_steps:
+            policy_loss = (alpha * log_pi - actor.log_prob(obs, batch["actions"])).mean()
+        else:
+            q_new = torch.min(qf1(obs, new_actions), qf2(obs, new_actions))
+            policy_loss = (alpha * log_pi - q_new).mean()
+
+        # critics: TD loss + conservative term
+        with torch.no_grad():
+            next_actions, _ = actor(next_obs)
+            target_q = torch.min(qf1_target(next_obs, next_actions), qf2_target(next_obs, next_actions))
+            target_q = batch["rewards"] + (1.0 - batch["dones"]) * args.gamma * target_q
+            obs_rep, next_obs_rep = obs.repeat_interleave(N, 0), next_obs.repeat_interleave(N, 0)
+            rand_actions = (torch.rand(B * N, A, device=device) * 2.0 - 1.0) * max_action
+            curr_actions, logp_curr = actor(obs_rep)
+            next_sampled, logp_next = actor(next_obs_rep)
+        q1_pred, q2_pred = qf1(obs, batch["actions"]), qf2(obs, batch["actions"])
+        qf1_loss, qf2_loss = F.mse_loss(q1_pred, target_q), F.mse_loss(q2_pred, target_q)
+        gaps = []
+        for qf, q_pred in ((qf1, q1_pred), (qf2, q2_pred)):
+            q_rand, q_curr, q_next = (qf(obs_rep, a).view(B, N) for a in (rand_actions, curr_actions, next_sampled))
+            gaps.append(cql_penalty(q_pred, q_rand, q_curr, logp_curr.view(B, N), q_next, logp_next.view(B, N),
+                                    rand_log_density, args.cql_temperature).mean())
+        if args.cql_lagrange:
+            alpha_prime = alpha_prime_value(log_alpha_prime).detach()
+            cql_loss = alpha_prime * args.cql_alpha * ((gaps[0] - args.cql_target_action_gap) +
+                                                       (gaps[1] - args.cql_target_action_gap))
+            alpha_prime_loss = lagrange_loss(log_alpha_prime, gaps[0], gaps[1], args.cql_alpha, args.cql_target_action_gap)
+            alpha_prime_optimizer.zero_grad(set_to_none=True)
+            alpha_prime_loss.backward()
+            alpha_prime_optimizer.step()
+        else:
+            cql_loss = args.cql_alpha * (gaps[0] + gaps[1])
+        qf_loss = qf1_loss + qf2_loss + cql_loss
+
+        alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        alpha_optimizer.step()
+        actor_optimizer.zero_grad(set_to_none=True)
+        policy_loss.backward()
+        actor_optimizer.step()
+        q_optimizer.zero_grad(set_to_none=True)
+        qf_loss.backward()
+        q_optimizer.step()
+        with torch.no_grad():
+            for net, target in ((qf1, qf1_target), (qf2, qf2_target)):
+                for p, tp in zip(net.parameters(), target.parameters()):
+                    tp.lerp_(p, args.tau)
+        sps_steps += 1
+
+        # Logging, evaluation and checkpoint
+        step = global_step + 1
+        if step % 1000 == 0 or step == args.total_steps:
+            if not torch.isfinite(qf_loss):
+                raise SystemExit(f"NaN/inf in the critic loss at step {step}; lower --qf-lr or check the data")
+            losses = {"losses/qf1_loss": qf1_loss.item(), "losses/qf2_loss": qf2_loss.item(),
+                      "losses/cql_qf1_gap": gaps[0].item(), "losses/cql_qf2_gap": gaps[1].item(),
+                      "losses/cql_loss": cql_loss.item(), "losses/policy_loss": policy_loss.item(),
+                      "losses/log_pi": log_pi.mean().item(), "losses/alpha": alpha.item(),
+                      "losses/alpha_loss": alpha_loss.item(), "losses/qf1_values": q1_pred.mean().item(),
+                      "charts/synthetic_in_batch": n_syn / args.batch_size,
+                      "charts/SPS": sps_steps / (time.time() - start_time)}
+            if args.cql_lagrange:
+                losses["losses/alpha_prime"] = alpha_prime.item()
+                losses["losses/alpha_prime_loss"] = alpha_prime_loss.item()
+            log(losses, step)
+        if step % args.eval_freq == 0 or step == args.total_steps:
+            actor.eval()
+            with torch.no_grad():
+                _, scores_eval = evaluate(
+                    lambda o: policy_deterministic(torch.as_tensor(o, dtype=torch.float32, device=device)[None])[0].cpu().numpy(),
+                    eval_env, args.eval_episodes, args.seed * 10_000 + step, data.ref_min_score, data.ref_max_score)
+            actor.train()
+            evaluations.append(float(scores_eval.mean()))
+            log({"eval/normalized_score": float(scores_eval.mean()), "eval/normalized_score_std": float(scores_eval.std())}, step)
+            print(f"step {step:,}: normalized score {scores_eval.mean():.1f} ± {scores_eval.std():.1f}")
+            atomic_save(dict(**{key: module.state_dict() for module, key in modules}, generator=gen.get_state(),
+                             torch_rng=torch.get_rng_state(), step=step, evaluations=evaluations), run_dir / "checkpoint.pt")
+
+    final = float(np.mean(evaluations[-5:])) if evaluations else float("nan")
+    result = dict(env_id=args.env_id, seed=args.seed, dydiff=args.dydiff, num_iterations=args.num_iterations,
+                  cql_lagrange=args.cql_lagrange, final_normalized_score=final, evaluations=evaluations,
+                  total_steps=args.total_steps)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    atomic_save(dict(actor=actor.state_dict(), obs_mean=obs_mean.cpu(), obs_std=obs_std.cpu(), args=asdict(args)),
+                run_dir / "final_policy.pt")
+    print(f"final normalized score (mean of the last 5 evaluations): {final:.1f}; run folder {run_dir}")
+    if wandb_run is not None:
+        wandb_run.summary["final_normalized_score"] = final
+        wandb_run.finish()
+    metrics_file.close()

@@ -1,0 +1,672 @@
+# Docs: README.md, section "dydiff_diffql.py"
+"""Diffusion-QL (Wang, Hunt & Zhou, 2022) with DyDiff data augmentation (arXiv 2405.19189, Algorithm 1), offline.
+
+The policy is a 5-step VP diffusion model over actions (noise-prediction MLP, Mish), trained with the
+denoising (BC) loss plus eta times a normalized Q loss; twin Mish critics bootstrap from an EMA copy of
+the policy. Every `rollout_freq` gradient steps the learning policy (one reverse-process sample per
+state) rolls out synthetic trajectories: a dynamics ensemble gives the first draft, the diffusion model
+(DM) re-samples the states given s_0 and the actions M times while the policy relabels the actions, a
+reward model scores them, the best are kept and pushed into a FIFO synthetic buffer that is mixed into
+each batch at the real ratio. `--no-dydiff` is the plain Diffusion-QL; `--num-iterations 0` uses
+single-step-model rollouts only.
+
+Per-dataset eta and grad_norm (gradient-norm clipping of actor and critics) are the Diffusion-QL
+authors' `hyperparameters` dict in main.py of github.com/Zhendong-Wang/Diffusion-Policies-for-Offline-RL
+(paper Table 6): eta = 1.0 for every Gym locomotion dataset; grad_norm halfcheetah / hopper / walker2d
+= 9 / 9 / 1 (medium), 2 / 4 / 4 (medium-replay), 7 / 5 / 5 (medium-expert); lr 3e-4, no max-Q backup.
+Levels the table lacks (expert, simple, random, ...) take the medium values.
+
+maze2d (not in the Diffusion-QL table): eta = 1.0, grad_norm = 5.0. The maze2d datasets are long, noisy
+waypoint-controller trajectories with a sparse goal reward, closest in character to the locomotion
+medium-replay / medium-expert data (multi-modal, partly sub-optimal behaviour), for which the authors use
+eta = 1.0 throughout; eta = 1.0 keeps the same balance between staying on the data (BC loss) and
+improving Q, and the Q loss is normalized by mean|Q| so its scale does not depend on the reward scale
+of the maze. grad_norm = 5.0 is the middle of the authors' locomotion range (1 to 9) and their
+medium-expert value for hopper and walker2d: a moderate clip that tames the early critic spikes of
+the sparse maze return without slowing learning; the large values of 9 were only needed for the
+smooth halfcheetah / hopper medium data. Both can be overridden with --eta and --grad-norm.
+"""
+
+import copy
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+from common.checkpoints import atomic_save, load_dm, load_dynamics, load_reward, models_folder
+from common.datasets import OFFLINE_ENV_VAR, load_dataset
+from common.edm import condition_mask, edm_sampler
+from common.envs import evaluate, termination_fn
+from common.pointmaze import crosses_wall, wall_cells
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, cuda will be enabled by default"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "dydiff"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    wandb_group: Optional[str] = None
+    """the wandb group of the run"""
+    runs_dir: str = "runs"
+    """each run writes metrics, checkpoints and pictures to {runs_dir}/{run_name}/"""
+    resume: Optional[str] = None
+    """a run folder to continue (a killed run resumes from its last checkpoint to the same total steps)"""
+
+    # Data and pretrained models
+    env_id: str = "maze2d-umaze"
+    """D4RL-style name (maze2d-large, hopper-medium, ...) or a Minari dataset id"""
+    offline: bool = False
+    """never try to download a dataset (also: DYDIFF_OFFLINE=1)"""
+    dataset_steps: int = 1_000_000
+    """steps of a locally generated PointMaze dataset"""
+    models_dir: str = "models"
+    """pretrained models are read from {models_dir}/{env_id}/ (made first if missing)"""
+    pretrain_args: str = ""
+    """extra flags for pretrain_models.py when the models must be made first, e.g. '--dm-steps 8000'"""
+
+    # Diffusion-QL (Wang, Hunt & Zhou 2022)
+    total_steps: int = 500_000
+    """gradient steps (the released DyDiff code's Diffusion-QL budget: 2000 epochs x 250)"""
+    batch_size: int = 256
+    """B: transitions per gradient step"""
+    learning_rate: float = 3e-4
+    """learning rate of the actor and the critics"""
+    lr_decay: bool = False
+    """cosine decay of both learning rates to 0 over total_steps"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target critic update rate"""
+    eta: Optional[float] = None
+    """weight of the Q loss in the actor loss; default per dataset (module docstring)"""
+    grad_norm: Optional[float] = None
+    """max gradient norm of actor and critics (<= 0: no clipping); default per dataset (module docstring)"""
+    max_q_backup: bool = False
+    """target = max over 10 sampled next actions of min(Q1, Q2)"""
+    n_timesteps: int = 5
+    """diffusion steps of the policy (VP schedule)"""
+    ema_decay: float = 0.995
+    """decay of the EMA actor used for the targets"""
+    step_start_ema: int = 1000
+    """the EMA actor is updated from this step on"""
+    update_ema_every: int = 5
+    """EMA update every this many steps"""
+    eval_samples: int = 50
+    """evaluation: actions sampled per state, one picked by softmax over Q"""
+    normalize_states: bool = False
+    """z-score observations with the real dataset's statistics (Diffusion-QL does not)"""
+    eval_freq: int = 5000
+    """evaluate (and checkpoint) every this many steps"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+
+    # DyDiff (paper Table 4)
+    dydiff: bool = True
+    """augment with DyDiff rollouts; --no-dydiff is the plain base algorithm"""
+    rollout_freq: int = 500
+    """gradient steps between two rollout steps"""
+    rollout_batch_size: int = 2048
+    """B_r: synthetic trajectories per rollout step"""
+    rollout_length: int = 100
+    """L: length of a synthetic trajectory (the DM's horizon)"""
+    num_iterations: Optional[int] = None
+    """M: DM <-> policy refinement iterations (paper Alg. 1); default 1 maze2d, 2 MuJoCo; 0 = ensemble only"""
+    filter: Literal["softmax", "hardmax"] = "softmax"
+    """trajectory filter: top-k (hardmax) or sampling without replacement p ~ exp(z-scored return / T)"""
+    filter_temperature: float = 0.05
+    """T of the softmax filter"""
+    filter_proportion: Optional[float] = None
+    """eta: fraction of trajectories kept; default 0.6 (maze2d, medium), 0.8 (medium-replay, medium-expert)"""
+    real_ratio: float = 0.6
+    """alpha: fraction of real transitions in a batch (all real while the synthetic buffer is empty)"""
+    synthetic_buffer_size: int = 2_000_000
+    """capacity of the FIFO synthetic buffer (transitions)"""
+    average_with_previous: bool = False
+    """the released code's variant: average new DM states with the previous iteration's"""
+    sampler_steps: int = 34
+    """N: EDM sampler steps (paper Table 3)"""
+
+
+# (eta, grad_norm) of Diffusion-QL's main.py `hyperparameters` (the -v2 Gym locomotion datasets).
+DIFFQL_HYPERPARAMETERS = {
+    "halfcheetah-medium": (1.0, 9.0), "hopper-medium": (1.0, 9.0), "walker2d-medium": (1.0, 1.0),
+    "halfcheetah-medium-replay": (1.0, 2.0), "hopper-medium-replay": (1.0, 4.0), "walker2d-medium-replay": (1.0, 4.0),
+    "halfcheetah-medium-expert": (1.0, 7.0), "hopper-medium-expert": (1.0, 5.0), "walker2d-medium-expert": (1.0, 5.0),
+}
+MAZE2D_HYPERPARAMETERS = (1.0, 5.0)  # our choice, justified in the module docstring
+
+
+def diffql_hyperparameters(env_id: str) -> tuple[float, float]:
+    """(eta, grad_norm) for a dataset: the authors' table; other levels take medium; maze2d and others ours."""
+    name = env_id.lower().replace("_", "-")
+    for task in ("halfcheetah", "hopper", "walker2d"):
+        if task in name:
+            level = next((lv for lv in ("medium-expert", "medium-replay") if lv in name), "medium")
+            return DIFFQL_HYPERPARAMETERS[f"{task}-{level}"]
+    return MAZE2D_HYPERPARAMETERS
+
+
+def defaults_for(args: Args, env_id: str) -> Args:
+    """Fill the per-dataset defaults of paper Table 4 and of Diffusion-QL's table."""
+    if args.num_iterations is None:
+        args.num_iterations = 1 if "maze" in env_id else 2
+    if args.filter_proportion is None:
+        args.filter_proportion = 0.8 if ("medium-replay" in env_id or "medium-expert" in env_id) else 0.6
+    eta, grad_norm = diffql_hyperparameters(env_id)
+    if args.eta is None:
+        args.eta = eta
+    if args.grad_norm is None:
+        args.grad_norm = grad_norm
+    return args
+
+
+def check_args(args: Args) -> None:
+    """One clear message per invalid hyper-parameter."""
+    problems = []
+    if not 0.0 <= args.real_ratio <= 1.0:
+        problems.append(f"--real-ratio must be in [0, 1], got {args.real_ratio}")
+    if not 0.0 < args.filter_proportion <= 1.0:
+        problems.append(f"--filter-proportion must be in (0, 1], got {args.filter_proportion}")
+    if args.num_iterations < 0:
+        problems.append(f"--num-iterations must be >= 0, got {args.num_iterations}")
+    if args.filter_temperature <= 0:
+        problems.append(f"--filter-temperature must be > 0, got {args.filter_temperature}")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        problems.append(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+    if args.eta < 0:
+        problems.append(f"--eta must be >= 0, got {args.eta}")
+    for name in ("total_steps", "batch_size", "eval_freq", "eval_episodes", "rollout_freq", "rollout_batch_size",
+                 "synthetic_buffer_size", "n_timesteps", "update_ema_every", "eval_samples"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.rollout_length < 2:
+        problems.append(f"--rollout-length must be >= 2, got {args.rollout_length}")
+    if problems:
+        raise SystemExit("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- the diffusion policy
+def vp_beta_schedule(timesteps: int) -> torch.Tensor:
+    """Diffusion-QL's 'vp' schedule: beta_t = 1 - exp(-b_min/T - (b_max - b_min)(2t - 1) / (2 T^2)), t = 1..T."""
+    t = np.arange(1, timesteps + 1)
+    b_max, b_min = 10.0, 0.1
+    alpha = np.exp(-b_min / timesteps - 0.5 * (b_max - b_min) * (2 * t - 1) / timesteps**2)
+    return torch.tensor(1.0 - alpha, dtype=torch.float32)
+
+
+class SinusoidalPosEmb(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t):
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
+        emb = t.float()[:, None] * freqs[None, :]
+        return torch.cat([emb.sin(), emb.cos()], dim=-1)
+
+
+class NoiseMLP(nn.Module):
+    """eps_theta(a_t, t, s): 3 x 256 Mish over concat(s, a_t, time embedding (16 -> 32 -> 16))."""
+
+    def __init__(self, obs_dim, action_dim, t_dim=16):
+        super().__init__()
+        self.time_mlp = nn.Sequential(SinusoidalPosEmb(t_dim), nn.Linear(t_dim, 2 * t_dim), nn.Mish(),
+                                      nn.Linear(2 * t_dim, t_dim))
+        self.net = nn.Sequential(nn.Linear(obs_dim + action_dim + t_dim, 256), nn.Mish(), nn.Linear(256, 256), nn.Mish(),
+                                 nn.Linear(256, 256), nn.Mish(), nn.Linear(256, action_dim))
+
+    def forward(self, x, t, obs):
+        return self.net(torch.cat([obs, x, self.time_mlp(t)], dim=-1))
+
+
+class DiffusionPolicy(nn.Module):
+    """DDPM over actions given the state, noise prediction, denoised estimates clipped to the action box."""
+
+    def __init__(self, model, action_dim, max_action, n_timesteps=5):
+        super().__init__()
+        self.model, self.action_dim, self.max_action, self.n_timesteps = model, action_dim, max_action, n_timesteps
+        betas = vp_beta_schedule(n_timesteps)
+        alphas = 1.0 - betas
+        ac = torch.cumprod(alphas, dim=0)
+        ac_prev = torch.cat([torch.ones(1), ac[:-1]])
+        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+        for name, value in (("betas", betas), ("alphas_cumprod", ac), ("sqrt_alphas_cumprod", ac.sqrt()),
+                            ("sqrt_one_minus_alphas_cumprod", (1.0 - ac).sqrt()),
+                            ("sqrt_recip_alphas_cumprod", (1.0 / ac).sqrt()),
+                            ("sqrt_recipm1_alphas_cumprod", (1.0 / ac - 1.0).sqrt()),
+                            ("posterior_log_variance", post_var.clamp_min(1e-20).log()),
+                            ("posterior_mean_coef1", betas * ac_prev.sqrt() / (1.0 - ac)),
+                            ("posterior_mean_coef2", (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac))):
+            self.register_buffer(name, value)
+
+    def sample(self, obs, generator=None):
+        """One action per state by the reverse process, in [-max_action, max_action]."""
+        B = len(obs)
+        x = torch.randn(B, self.action_dim, device=obs.device, generator=generator)
+        for i in reversed(range(self.n_timesteps)):
+            t = torch.full((B,), i, device=obs.device, dtype=torch.long)
+            eps = self.model(x, t, obs)
+            x_recon = (self.sqrt_recip_alphas_cumprod[i] * x - self.sqrt_recipm1_alphas_cumprod[i] * eps)
+            x_recon = x_recon.clamp(-self.max_action, self.max_action)
+            x = self.posterior_mean_coef1[i] * x_recon + self.posterior_mean_coef2[i] * x
+            if i > 0:
+                noise = torch.randn(x.shape, device=obs.device, generator=generator)
+                x = x + (0.5 * self.posterior_log_variance[i]).exp() * noise
+        return x.clamp(-self.max_action, self.max_action)
+
+    forward = sample
+
+    def bc_loss(self, obs, actions, generator=None):
+        """Denoising loss: MSE between the true and the predicted noise at a uniform random step."""
+        t = torch.randint(self.n_timesteps, (len(obs),), device=obs.device, generator=generator)
+        noise = torch.randn(actions.shape, device=obs.device, generator=generator)
+        x_t = self.sqrt_alphas_cumprod[t, None] * actions + self.sqrt_one_minus_alphas_cumprod[t, None] * noise
+        return F.mse_loss(self.model(x_t, t, obs), noise)
+
+
+class Critic(nn.Module):
+    """Twin Q networks, 3 x 256 Mish each."""
+
+    def __init__(self, obs_dim, action_dim):
+        super().__init__()
+
+        def q():
+            return nn.Sequential(nn.Linear(obs_dim + action_dim, 256), nn.Mish(), nn.Linear(256, 256), nn.Mish(),
+                                 nn.Linear(256, 256), nn.Mish(), nn.Linear(256, 1))
+
+        self.q1, self.q2 = q(), q()
+
+    def forward(self, obs, action):
+        x = torch.cat([obs, action], dim=-1)
+        return self.q1(x).squeeze(-1), self.q2(x).squeeze(-1)
+
+    def q_min(self, obs, action):
+        return torch.min(*self(obs, action))
+
+
+def pick_by_q(q, generator=None):
+    """Diffusion-QL's action selection: an index drawn with probability softmax(q)."""
+    return torch.multinomial(F.softmax(q, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+class SyntheticBuffer:
+    """FIFO ring buffer of synthetic transitions, preallocated on the device."""
+
+    def __init__(self, capacity, obs_dim, action_dim, device):
+        self.capacity, self.size, self.ptr = capacity, 0, 0
+        self.obs = torch.zeros(capacity, obs_dim, device=device)
+        self.actions = torch.zeros(capacity, action_dim, device=device)
+        self.rewards = torch.zeros(capacity, device=device)
+        self.next_obs = torch.zeros(capacity, obs_dim, device=device)
+        self.dones = torch.zeros(capacity, device=device)
+
+    def add(self, obs, actions, rewards, next_obs, dones):
+        n = len(obs)
+        if n > self.capacity:  # only the newest fit
+            obs, actions, rewards, next_obs, dones = (x[-self.capacity:] for x in (obs, actions, rewards, next_obs, dones))
+            n = self.capacity
+        idx = (self.ptr + torch.arange(n, device=self.obs.device)) % self.capacity
+        for buf, x in ((self.obs, obs), (self.actions, actions), (self.rewards, rewards), (self.next_obs, next_obs),
+                       (self.dones, dones)):
+            buf[idx] = x.to(buf.dtype)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def state_dict(self):
+        s = self.size
+        return dict(capacity=self.capacity, size=s, ptr=self.ptr, obs=self.obs[:s].cpu(), actions=self.actions[:s].cpu(),
+                    rewards=self.rewards[:s].cpu(), next_obs=self.next_obs[:s].cpu(), dones=self.dones[:s].cpu())
+
+    def load_state_dict(self, d):
+        s = d["size"]
+        for name in ("obs", "actions", "rewards", "next_obs", "dones"):
+            getattr(self, name)[:s] = d[name].to(self.obs.device)
+        self.size, self.ptr = s, d["ptr"]
+
+
+def filter_trajectories(scores, proportion, method, temperature, generator=None):
+    """Indices of the floor(eta * B_r) trajectories kept: top-k (hardmax) or softmax sampling without replacement."""
+    k = int(np.floor(proportion * len(scores)))
+    if method == "hardmax":
+        return torch.topk(scores, k).indices
+    z = (scores - scores.mean()) / (scores.std() + 1e-8)
+    # Gumbel top-k draws k items without replacement with p proportional to exp(z / T).
+    u = torch.rand(scores.shape, generator=generator, device=generator.device if generator is not None else scores.device)
+    gumbel = -torch.log(-torch.log(u.to(scores.device).clamp_min(1e-20)))
+    return torch.topk(z / temperature + gumbel, k).indices
+
+
+def alive_mask(dones):
+    """[B, L-1] mask of the transitions before and at each trajectory's first terminal."""
+    ones = torch.ones_like(dones[:, :1])
+    return torch.cat([ones, 1.0 - dones[:, :-1]], dim=1).cumprod(dim=1)
+
+
+def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
+    """A batch of round(real_ratio * B) real transitions and the rest synthetic (all real while D_syn is empty)."""
+    n_syn = 0 if synthetic.size == 0 else batch_size - int(round(real_ratio * batch_size))
+    n_real = batch_size - n_syn
+    dev = real["obs"].device
+    ri = torch.randint(len(real["obs"]), (n_real,), device=dev, generator=generator)
+    batch = {k: v[ri] for k, v in real.items()}
+    if n_syn:
+        si = torch.randint(synthetic.size, (n_syn,), device=dev, generator=generator)
+        syn = dict(obs=synthetic.obs[si], actions=synthetic.actions[si], rewards=synthetic.rewards[si],
+                   next_obs=synthetic.next_obs[si], dones=synthetic.dones[si])
+        batch = {k: torch.cat([batch[k], syn[k]]) for k in batch}
+    return batch, n_syn
+
+
+def maze_picture(data, states, keep, path):
+    """PointMaze: sampled synthetic trajectories over the maze walls; returns the share crossing a wall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env = data.make_eval_env()
+    maze = env.unwrapped.maze
+    walls = wall_cells(maze)
+    xy = states[..., :2].cpu().numpy()
+    crossing = crosses_wall(maze, xy)
+    fig, ax = plt.subplots(figsize=(5, 5 * walls.shape[0] / walls.shape[1]))
+    s = maze.maze_size_scaling
+    for i, j in zip(*np.nonzero(walls)):
+        x, y = maze.cell_rowcol_to_xy(np.array([i, j]))
+        ax.add_patch(plt.Rectangle((x - s / 2, y - s / 2), s, s, color="0.3"))
+    kept = np.zeros(len(xy), dtype=bool)
+    kept[keep.cpu().numpy()] = True
+    for n in range(min(64, len(xy))):
+        ax.plot(xy[n, :, 0], xy[n, :, 1], lw=0.8, color=("tab:red" if crossing[n] else "tab:blue"),
+                alpha=0.9 if kept[n] else 0.3)
+    ax.set_aspect("equal")
+    ax.set_xlim(-maze.x_map_center, maze.x_map_center)
+    ax.set_ylim(-maze.y_map_center, maze.y_map_center)
+    ax.set_title(f"synthetic trajectories (red: through a wall, {crossing.mean():.0%}; faint: filtered out)", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name)
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    env.close()
+    return float(crossing.mean())
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    run_dir = None
+    if args.resume:  # continue a killed run with its own arguments
+        run_dir = Path(args.resume)
+        if not (run_dir / "checkpoint.pt").exists():
+            raise SystemExit(f"--resume {run_dir}: no checkpoint.pt there; pass the folder of a run that has evaluated once")
+        saved = json.loads((run_dir / "args.json").read_text())
+        args = Args(**{**saved, "resume": str(run_dir)})
+    args = defaults_for(args, args.env_id)
+    check_args(args)
+    if args.offline:
+        os.environ[OFFLINE_ENV_VAR] = "1"
+
+    # Seeding
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    # Data
+    try:
+        data = load_dataset(args.env_id, num_steps=args.dataset_steps)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e))
+    S, A, obs_dim = data.state_dim, data.action_dim, data.obs_dim
+    eval_env = data.make_eval_env()
+    max_action = float(eval_env.action_space.high[0])
+    obs_mean = torch.as_tensor(data.observations.mean(0) if args.normalize_states else np.zeros(obs_dim),
+                               dtype=torch.float32, device=device)
+    obs_std = torch.as_tensor(data.observations.std(0) + 1e-3 if args.normalize_states else np.ones(obs_dim),
+                              dtype=torch.float32, device=device)
+    real = dict(  # the whole real dataset, on the device
+        obs=torch.as_tensor(data.observations, device=device), actions=torch.as_tensor(data.actions, device=device),
+        rewards=torch.as_tensor(data.rewards, device=device), next_obs=torch.as_tensor(data.next_observations, device=device),
+        dones=torch.as_tensor(data.terminals, dtype=torch.float32, device=device),
+    )
+
+    # Pretrained models (made first if missing)
+    if args.dydiff:
+        folder = models_folder(args.models_dir, args.env_id)
+        if not all((folder / f).exists() for f in ("dm.pt", "dynamics.pt", "reward.pt")):
+            import shlex
+            import subprocess
+            import sys
+
+            cmd = [sys.executable, str(Path(__file__).with_name("pretrain_models.py")), "--env-id", args.env_id,
+                   "--models-dir", args.models_dir, "--dataset-steps", str(args.dataset_steps),
+                   "--horizon", str(args.rollout_length), *shlex.split(args.pretrain_args)]
+            print(f"no pretrained models in {folder}: making them first (to do it separately: {shlex.join(cmd[1:])})")
+            if subprocess.run(cmd).returncode != 0:
+                raise SystemExit("pretraining failed; see its message above")
+        try:
+            denoiser, dm_normalizer, dm_info = load_dm(folder, data.fingerprint, device)
+            dynamics = load_dynamics(folder, data.fingerprint, device)
+            reward_model = load_reward(folder, data.fingerprint, device)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(str(e))
+        if dm_info["horizon"] != args.rollout_length:
+            raise SystemExit(f"the DM in {folder} was trained with L={dm_info['horizon']}, not --rollout-length "
+                             f"{args.rollout_length}; use --rollout-length {dm_info['horizon']} or pretrain with --horizon "
+                             f"{args.rollout_length}")
+        is_terminal = termination_fn(data.task)
+        cond_mask = condition_mask(args.rollout_length, S, A, device=device)
+
+    # Networks
+    actor = DiffusionPolicy(NoiseMLP(obs_dim, A), A, max_action, args.n_timesteps).to(device)
+    ema_actor = copy.deepcopy(actor).requires_grad_(False)
+    critic = Critic(obs_dim, A).to(device)
+    critic_target = copy.deepcopy(critic).requires_grad_(False)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=args.total_steps, eta_min=0.0)
+                  for o in (actor_optimizer, critic_optimizer)] if args.lr_decay else []
+    synthetic = SyntheticBuffer(args.synthetic_buffer_size, obs_dim, A, device)
+
+    def norm(obs):
+        return (obs - obs_mean) / obs_std
+
+    def policy(obs):
+        """The learning policy on raw observations: one reverse-process sample per state (rollouts, relabelling)."""
+        return actor.sample(norm(obs), generator=gen)
+
+    def act(obs):
+        """Evaluation: `eval_samples` actions for the state, one drawn by softmax over min(Q1, Q2) (target critics)."""
+        o = norm(obs).expand(args.eval_samples, -1)
+        actions = actor.sample(o)
+        return actions[pick_by_q(critic_target.q_min(o, actions))]
+
+    start_step, evaluations = 0, []
+    if run_dir is not None:
+        ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
+        for module, key in ((actor, "actor"), (ema_actor, "ema_actor"), (critic, "critic"),
+                            (critic_target, "critic_target"), (actor_optimizer, "actor_optimizer"),
+                            (critic_optimizer, "critic_optimizer"), (synthetic, "synthetic")):
+            module.load_state_dict(ckpt[key])
+        for scheduler, state in zip(schedulers, ckpt["schedulers"]):
+            scheduler.load_state_dict(state)
+        gen.set_state(ckpt["generator"].cpu())
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_step, evaluations = ckpt["step"], ckpt["evaluations"]
+        run_name = run_dir.name
+        print(f"resuming {run_dir} at step {start_step:,}")
+    else:
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = Path(args.runs_dir) / run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+
+    wandb_run = None
+    if args.track:
+        import wandb
+
+        wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
+                               config=vars(args), name=run_name, id=run_name.replace("/", "_")[-64:], resume="allow",
+                               save_code=True)
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+
+    def log(metrics, step, picture=None):
+        metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
+        metrics_file.flush()
+        if wandb_run is not None:
+            if picture is not None:
+                import wandb
+
+                metrics = dict(metrics, **{"dydiff/trajectories": wandb.Image(str(picture))})
+            wandb_run.log(metrics, step=step)
+
+    # Training loop
+    start_time, sps_steps = time.time(), 0
+    for global_step in tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps,
+                            desc=run_name, mininterval=5.0):
+        # DyDiff rollout step (paper Algorithm 1)
+        if args.dydiff and global_step % args.rollout_freq == 0:
+            t0 = time.time()
+            B_r, L = args.rollout_batch_size, args.rollout_length
+            with torch.no_grad():
+                # a. start states from the real dataset; the context (goal) rides along unchanged
+                idx = torch.randint(data.size, (B_r,), device=device, generator=gen)
+                s0, context = real["obs"][idx, :S], real["obs"][idx, S:]
+                # b. autoregressive rollout of the learning policy in the dynamics ensemble
+                states, actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
+                # c. M rounds: DM states given (s_0, actions), then relabel every action with the policy
+                for _ in range(args.num_iterations):
+                    cond = torch.cat([s0[:, None, :].expand(B_r, L, S), actions], dim=-1)
+                    x = edm_sampler(denoiser, dm_normalizer.normalize(cond), cond_mask, num_steps=args.sampler_steps,
+                                    generator=gen)
+                    new_states = torch.cat([s0[:, None], dm_normalizer.unnormalize(x)[:, 1:, :S]], dim=1)
+                    states = 0.5 * (states + new_states) if args.average_with_previous else new_states
+                    obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
+                    actions = policy(obs.reshape(B_r * L, obs_dim)).reshape(B_r, L, A)
+                obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
+                # d. rewards from r_psi; a trajectory ends at its first terminal
+                rewards = reward_model(obs[:, :-1].reshape(-1, obs_dim), actions[:, :-1].reshape(-1, A)).reshape(B_r, L - 1)
+                dones = is_terminal(states[:, 1:]).float()
+                alive = alive_mask(dones)
+                scores = (rewards * alive).sum(dim=1)
+                # e. filter by predicted return
+                keep = filter_trajectories(scores, args.filter_proportion, args.filter, args.filter_temperature, gen)
+                # f. push every transition of the kept trajectories (up to the first terminal) into D_syn
+                valid = alive[keep].bool()
+                synthetic.add(obs[keep, :-1][valid], actions[keep, :-1][valid], rewards[keep][valid],
+                              obs[keep, 1:][valid], dones[keep][valid])
+            rollout_metrics = {
+                "dydiff/rollout_time": time.time() - t0, "dydiff/kept_fraction": len(keep) / B_r,
+                "dydiff/return_kept": scores[keep].mean().item(), "dydiff/return_all": scores.mean().item(),
+                "dydiff/synthetic_buffer_size": synthetic.size, "dydiff/terminal_fraction": dones.amax(1).mean().item(),
+            }
+            picture = None
+            if data.task == "pointmaze" and (global_step % args.eval_freq == 0 or global_step == start_step):
+                picture = run_dir / "synthetic_trajectories.png"
+                rollout_metrics["dydiff/wall_crossing_share"] = maze_picture(data, states, keep, picture)
+            log(rollout_metrics, global_step, picture)
+
+        # Diffusion-QL update
+        batch, n_syn = mixed_batch(real, synthetic, args.batch_size, args.real_ratio, gen)
+        obs, next_obs = norm(batch["obs"]), norm(batch["next_obs"])
+        with torch.no_grad():  # targets from the EMA actor and the target critics
+            if args.max_q_backup:
+                next_rpt = next_obs.repeat_interleave(10, dim=0)
+                tq1, tq2 = critic_target(next_rpt, ema_actor.sample(next_rpt))
+                target_q = torch.min(tq1.view(-1, 10).amax(1), tq2.view(-1, 10).amax(1))
+            else:
+                target_q = critic_target.q_min(next_obs, ema_actor.sample(next_obs))
+            target_q = batch["rewards"] + (1.0 - batch["dones"]) * args.gamma * target_q
+        current_q1, current_q2 = critic(obs, batch["actions"])
+        critic_loss = F.mse_loss(current_q1, target_q) + F.mse_loss(current_q2, target_q)
+        critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        if args.grad_norm > 0:
+            nn.utils.clip_grad_norm_(critic.parameters(), max_norm=args.grad_norm)
+        critic_optimizer.step()
+
+        bc_loss = actor.bc_loss(obs, batch["actions"])
+        new_q1, new_q2 = critic(obs, actor.sample(obs))
+        if torch.rand((), device=device, generator=gen).item() > 0.5:  # Q1 or Q2 at random, as the authors
+            ql_loss = -new_q1.mean() / new_q2.abs().mean().detach()
+        else:
+            ql_loss = -new_q2.mean() / new_q1.abs().mean().detach()
+        actor_loss = bc_loss + args.eta * ql_loss
+        actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        if args.grad_norm > 0:
+            nn.utils.clip_grad_norm_(actor.parameters(), max_norm=args.grad_norm)
+        actor_optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        with torch.no_grad():
+            if global_step % args.update_ema_every == 0 and global_step >= args.step_start_ema:
+                for p, ep in zip(actor.parameters(), ema_actor.parameters()):
+                    ep.lerp_(p, 1.0 - args.ema_decay)
+            for p, tp in zip(critic.parameters(), critic_target.parameters()):
+                tp.lerp_(p, args.tau)
+        sps_steps += 1
+
+        # Logging, evaluation and checkpoint
+        step = global_step + 1
+        if step % 1000 == 0 or step == args.total_steps:
+            if not torch.isfinite(critic_loss):
+                raise SystemExit(f"NaN/inf in the critic loss at step {step}; lower --learning-rate or check the data")
+            log({"losses/bc_loss": bc_loss.item(), "losses/ql_loss": ql_loss.item(), "losses/actor_loss": actor_loss.item(),
+                 "losses/critic_loss": critic_loss.item(), "losses/qf1_values": current_q1.mean().item(),
+                 "charts/learning_rate": actor_optimizer.param_groups[0]["lr"],
+                 "charts/synthetic_in_batch": n_syn / args.batch_size,
+                 "charts/SPS": sps_steps / (time.time() - start_time)}, step)
+        if step % args.eval_freq == 0 or step == args.total_steps:
+            actor.eval()
+            with torch.no_grad():
+                _, scores_eval = evaluate(
+                    lambda o: act(torch.as_tensor(o, dtype=torch.float32, device=device)[None]).cpu().numpy(),
+                    eval_env, args.eval_episodes, args.seed * 10_000 + step, data.ref_min_score, data.ref_max_score)
+            actor.train()
+            evaluations.append(float(scores_eval.mean()))
+            log({"eval/normalized_score": float(scores_eval.mean()), "eval/normalized_score_std": float(scores_eval.std())}, step)
+            print(f"step {step:,}: normalized score {scores_eval.mean():.1f} ± {scores_eval.std():.1f}")
+            atomic_save(dict(actor=actor.state_dict(), ema_actor=ema_actor.state_dict(), critic=critic.state_dict(),
+                             critic_target=critic_target.state_dict(), actor_optimizer=actor_optimizer.state_dict(),
+                             critic_optimizer=critic_optimizer.state_dict(),
+                             schedulers=[s.state_dict() for s in schedulers], synthetic=synthetic.state_dict(),
+                             generator=gen.get_state(), torch_rng=torch.get_rng_state(), step=step,
+                             evaluations=evaluations), run_dir / "checkpoint.pt")
+
+    final = float(np.mean(evaluations[-5:])) if evaluations else float("nan")
+    result = dict(env_id=args.env_id, seed=args.seed, dydiff=args.dydiff, num_iterations=args.num_iterations,
+                  final_normalized_score=final, evaluations=evaluations, total_steps=args.total_steps)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    atomic_save(dict(actor=actor.state_dict(), critic_target=critic_target.state_dict(), obs_mean=obs_mean.cpu(), obs_std=obs_std.cpu(), args=asdict(args)),
+                run_dir / "final_policy.pt")
+    print(f"final normalized score (mean of the last 5 evaluations): {final:.1f}; run folder {run_dir}")
+    if wandb_run is not None:
+        wandb_run.summary["final_normalized_score"] = final
+        wandb_run.finish()
+    metrics_file.close()
