@@ -1,11 +1,7 @@
 """dydiff_diffql.py: subprocess runs in base, M = 0 and DyDiff modes, resume, bad inputs; its diffusion policy."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,27 +10,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from script_runs import TINY, kill_after_first_checkpoint, metrics, models_for_other_data, run_script  # noqa: E402
 from dydiff_diffql import (DiffusionPolicy, NoiseMLP, defaults_for, Args, pick_by_q,  # noqa: E402
                            vp_beta_schedule)
 
-PRETRAIN = ("--dm-dim 8 --dm-dim-mults 1 2 --dm-steps 20 --dm-batch-size 16 --dyn-hidden 32 --dyn-max-steps 40 "
-            "--reward-steps 40 --report-windows 4 --report-iterations 1 --sampler-steps 4 --holdout-fraction 0.1")
-TINY = ["--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--eval-episodes", "1", "--rollout-freq", "50",
-        "--rollout-batch-size", "32", "--rollout-length", "16", "--sampler-steps", "4", "--no-cuda",
-        f"--pretrain-args={PRETRAIN}"]
 
 
-def run(*args, check=True, timeout=600, env=None):
-    env = None if env is None else {**os.environ, **env}
-    out = subprocess.run([sys.executable, "dydiff_diffql.py", *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=timeout, env=env)
-    if check and out.returncode != 0:
-        raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return out
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def run(*args, **kwargs):
+    return run_script("dydiff_diffql.py", *args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +77,7 @@ def test_kill_and_resume_reaches_the_same_final_step(dydiff_run, dirs):
     models, runs = dirs
     args = [*TINY, "--models-dir", str(models), "--runs-dir", str(runs), "--exp-name", "killed",
             "--total-steps", "600", "--eval-freq", "100"]
-    proc = subprocess.Popen([sys.executable, "dydiff_diffql.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not list(runs.glob("*killed__*/checkpoint.pt")):
-            time.sleep(0.2)
-        time.sleep(0.5)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    run_dir = next(runs.glob("*killed__*"))
+    run_dir = kill_after_first_checkpoint("dydiff_diffql.py", args, runs, "killed")
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert 0 < ckpt["step"] < 600, "the run was killed before it finished"
     buf = ckpt["synthetic"]
@@ -125,12 +98,7 @@ def test_bad_inputs_end_in_one_clear_message(dydiff_run, dirs, tmp_path):
     out = run(*TINY, "--models-dir", str(models), "--runs-dir", str(tmp_path), "--real-ratio", "1.5", check=False)
     assert out.returncode != 0 and "--real-ratio must be in [0, 1]" in out.stderr and "Traceback" not in out.stderr
     # Models made for another dataset (a different seed of the generated maze) are refused.
-    other = tmp_path / "other-models"
-    (other / "maze2d-umaze").mkdir(parents=True)
-    for f in ("dm.pt", "dynamics.pt", "reward.pt"):
-        ckpt = torch.load(models / "maze2d-umaze" / f, weights_only=False)
-        ckpt["fingerprint"], ckpt["dataset_ids"] = "0123456789abcdef", ["local/pointmaze/umaze-other-v2"]
-        torch.save(ckpt, other / "maze2d-umaze" / f)
+    other = models_for_other_data(models, tmp_path / "other-models")
     out = run(*TINY, "--models-dir", str(other), "--runs-dir", str(tmp_path), check=False)
     assert out.returncode != 0 and "was trained on dataset local/pointmaze/umaze-other-v2" in out.stderr
     assert "Traceback" not in out.stderr
