@@ -125,6 +125,10 @@ class Args:
     """the released code's variant: average new DM states with the previous iteration's"""
     sampler_steps: int = 34
     """N: EDM sampler steps (paper Table 3)"""
+    dm_bf16: bool = True
+    """run the DM in bfloat16 autocast on a GPU (the sampler's own arithmetic stays float32)"""
+    compile_dm: bool = False
+    """torch.compile the DM for the sampler (compiles during the first rollout; meant for GPUs)"""
 
 
 def defaults_for(args: Args, env_id: str) -> Args:
@@ -145,6 +149,9 @@ def check_args(args: Args) -> None:
         problems.append(f"--real-ratio must be in [0, 1], got {args.real_ratio}")
     if not 0.0 < args.filter_proportion <= 1.0:
         problems.append(f"--filter-proportion must be in (0, 1], got {args.filter_proportion}")
+    elif args.filter_proportion * args.rollout_batch_size < 1:
+        problems.append(f"--filter-proportion {args.filter_proportion} keeps no trajectory of --rollout-batch-size "
+                        f"{args.rollout_batch_size}; raise either so that their product is >= 1")
     if args.num_iterations < 0:
         problems.append(f"--num-iterations must be >= 0, got {args.num_iterations}")
     if args.bc_steps < 0:
@@ -253,38 +260,55 @@ def lagrange_loss(log_alpha_prime, gap1, gap2, cql_alpha, target_action_gap):
 
 
 class SyntheticBuffer:
-    """FIFO ring buffer of synthetic transitions, preallocated on the device."""
+    """FIFO ring buffer of synthetic transitions, preallocated on the device; add() never waits on the device."""
 
     def __init__(self, capacity, obs_dim, action_dim, device):
-        self.capacity, self.size, self.ptr = capacity, 0, 0
-        self.obs = torch.zeros(capacity, obs_dim, device=device)
-        self.actions = torch.zeros(capacity, action_dim, device=device)
-        self.rewards = torch.zeros(capacity, device=device)
-        self.next_obs = torch.zeros(capacity, obs_dim, device=device)
-        self.dones = torch.zeros(capacity, device=device)
+        self.capacity = capacity
+        # One spare row at the end takes the writes of masked-out rows, so an insert needs no host sync.
+        self.obs = torch.zeros(capacity + 1, obs_dim, device=device)
+        self.actions = torch.zeros(capacity + 1, action_dim, device=device)
+        self.rewards = torch.zeros(capacity + 1, device=device)
+        self.next_obs = torch.zeros(capacity + 1, obs_dim, device=device)
+        self.dones = torch.zeros(capacity + 1, device=device)
+        self.ptr = torch.zeros((), dtype=torch.long, device=device)  # next slot to write
+        self.count = torch.zeros((), dtype=torch.long, device=device)  # transitions held, <= capacity
+        self.empty = True  # known on the host: sampling needs no sync either
 
-    def add(self, obs, actions, rewards, next_obs, dones):
-        n = len(obs)
-        if n > self.capacity:  # only the newest fit
-            obs, actions, rewards, next_obs, dones = (x[-self.capacity:] for x in (obs, actions, rewards, next_obs, dones))
-            n = self.capacity
-        idx = (self.ptr + torch.arange(n, device=self.obs.device)) % self.capacity
+    @property
+    def size(self):
+        """Transitions held (reads the device: for logs and checkpoints, not for the training loop)."""
+        return int(self.count)
+
+    def add(self, obs, actions, rewards, next_obs, dones, valid=None):
+        """Append the rows where `valid` [n] is True (all if None), in order; once full, the oldest go."""
+        if len(obs) == 0:
+            return
+        if valid is None:
+            valid = torch.ones(len(obs), dtype=torch.bool, device=self.obs.device)
+        rank = valid.long().cumsum(0)  # 1-based position among the valid rows
+        total = rank[-1]
+        fits = valid & (rank > total - self.capacity)  # only the newest `capacity` rows fit
+        slot = torch.where(fits, (self.ptr + rank - 1) % self.capacity, self.capacity)
         for buf, x in ((self.obs, obs), (self.actions, actions), (self.rewards, rewards), (self.next_obs, next_obs),
                        (self.dones, dones)):
-            buf[idx] = x.to(buf.dtype)
-        self.ptr = (self.ptr + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
+            buf[slot] = x.to(buf.dtype)
+        self.ptr = (self.ptr + total) % self.capacity
+        self.count = (self.count + total).clamp(max=self.capacity)
+        self.empty = False
 
     def state_dict(self):
         s = self.size
-        return dict(capacity=self.capacity, size=s, ptr=self.ptr, obs=self.obs[:s].cpu(), actions=self.actions[:s].cpu(),
-                    rewards=self.rewards[:s].cpu(), next_obs=self.next_obs[:s].cpu(), dones=self.dones[:s].cpu())
+        return dict(capacity=self.capacity, size=s, ptr=int(self.ptr), obs=self.obs[:s].cpu(),
+                    actions=self.actions[:s].cpu(), rewards=self.rewards[:s].cpu(), next_obs=self.next_obs[:s].cpu(),
+                    dones=self.dones[:s].cpu())
 
     def load_state_dict(self, d):
-        s = d["size"]
+        s = int(d["size"])
         for name in ("obs", "actions", "rewards", "next_obs", "dones"):
             getattr(self, name)[:s] = d[name].to(self.obs.device)
-        self.size, self.ptr = s, d["ptr"]
+        self.count.fill_(s)
+        self.ptr.fill_(int(d["ptr"]))
+        self.empty = s == 0
 
 
 def filter_trajectories(scores, proportion, method, temperature, generator=None):
@@ -307,13 +331,15 @@ def alive_mask(dones):
 
 def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
     """A batch of round(real_ratio * B) real transitions and the rest synthetic (all real while D_syn is empty)."""
-    n_syn = 0 if synthetic.size == 0 else batch_size - int(round(real_ratio * batch_size))
+    n_syn = 0 if synthetic.empty else batch_size - int(round(real_ratio * batch_size))
     n_real = batch_size - n_syn
     dev = real["obs"].device
     ri = torch.randint(len(real["obs"]), (n_real,), device=dev, generator=generator)
     batch = {k: v[ri] for k, v in real.items()}
     if n_syn:
-        si = torch.randint(synthetic.size, (n_syn,), device=dev, generator=generator)
+        # uniform below the buffer's count, which stays on the device
+        u = torch.rand(n_syn, device=dev, generator=generator)
+        si = (u * synthetic.count).long().clamp(max=synthetic.count - 1)
         syn = dict(obs=synthetic.obs[si], actions=synthetic.actions[si], rewards=synthetic.rewards[si],
                    next_obs=synthetic.next_obs[si], dones=synthetic.dones[si])
         batch = {k: torch.cat([batch[k], syn[k]]) for k in batch}
@@ -420,6 +446,9 @@ if __name__ == "__main__":
                              f"{args.rollout_length}")
         is_terminal = termination_fn(data.task)
         cond_mask = condition_mask(args.rollout_length, S, A, device=device)
+        dm_bf16 = args.dm_bf16 and device.type == "cuda"  # bf16 convolutions are slow on most CPUs
+        if args.compile_dm:
+            denoiser = torch.compile(denoiser)
 
     # Networks
     actor = TanhGaussianPolicy(obs_dim, A, max_action).to(device)
@@ -500,8 +529,9 @@ if __name__ == "__main__":
                 # c. M rounds: DM states given (s_0, actions), then relabel every action with a_t ~ pi(.|s_t)
                 for _ in range(args.num_iterations):
                     cond = torch.cat([s0[:, None, :].expand(B_r, L, S), actions], dim=-1)
-                    x = edm_sampler(denoiser, dm_normalizer.normalize(cond), cond_mask, num_steps=args.sampler_steps,
-                                    generator=gen)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dm_bf16):
+                        x = edm_sampler(denoiser, dm_normalizer.normalize(cond), cond_mask,
+                                        num_steps=args.sampler_steps, generator=gen)
                     new_states = torch.cat([s0[:, None], dm_normalizer.unnormalize(x)[:, 1:, :S]], dim=1)
                     states = 0.5 * (states + new_states) if args.average_with_previous else new_states
                     obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
@@ -515,14 +545,15 @@ if __name__ == "__main__":
                 # e. filter by predicted return
                 keep = filter_trajectories(scores, args.filter_proportion, args.filter, args.filter_temperature, gen)
                 # f. push every transition of the kept trajectories (up to the first terminal) into D_syn
-                valid = alive[keep].bool()
-                synthetic.add(obs[keep, :-1][valid], actions[keep, :-1][valid], rewards[keep][valid],
-                              obs[keep, 1:][valid], dones[keep][valid])
-            rollout_metrics = {
-                "dydiff/rollout_time": time.time() - t0, "dydiff/kept_fraction": len(keep) / B_r,
-                "dydiff/return_kept": scores[keep].mean().item(), "dydiff/return_all": scores.mean().item(),
-                "dydiff/synthetic_buffer_size": synthetic.size, "dydiff/terminal_fraction": dones.amax(1).mean().item(),
+                #    (a mask, not boolean indexing: nothing here waits on the device)
+                synthetic.add(obs[keep, :-1].flatten(0, 1), actions[keep, :-1].flatten(0, 1), rewards[keep].flatten(),
+                              obs[keep, 1:].flatten(0, 1), dones[keep].flatten(), valid=alive[keep].flatten().bool())
+            rollout_metrics = {  # reading these waits for the rollout to finish, so the time below is true
+                "dydiff/kept_fraction": len(keep) / B_r, "dydiff/return_kept": scores[keep].mean().item(),
+                "dydiff/return_all": scores.mean().item(), "dydiff/synthetic_buffer_size": synthetic.size,
+                "dydiff/terminal_fraction": dones.amax(1).mean().item(),
             }
+            rollout_metrics["dydiff/rollout_time"] = time.time() - t0
             picture = None
             if data.task == "pointmaze" and (global_step % args.eval_freq == 0 or global_step == start_step):
                 picture = run_dir / "synthetic_trajectories.png"

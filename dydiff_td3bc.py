@@ -86,6 +86,8 @@ class Args:
     """TD3+BC's alpha: lambda = alpha / mean|Q|"""
     normalize_states: bool = True
     """z-score observations with the real dataset's statistics"""
+    cudagraphs: bool = False
+    """replay the TD3+BC update as CUDA graphs (GPU only; removes the kernel-launch overhead of small networks)"""
     eval_freq: int = 5000
     """evaluate (and checkpoint) every this many steps"""
     eval_episodes: int = 10
@@ -116,6 +118,10 @@ class Args:
     """the released code's variant: average new DM states with the previous iteration's"""
     sampler_steps: int = 34
     """N: EDM sampler steps (paper Table 3)"""
+    dm_bf16: bool = True
+    """run the DM in bfloat16 autocast on a GPU (the sampler's own arithmetic stays float32)"""
+    compile_dm: bool = False
+    """torch.compile the DM for the sampler (compiles during the first rollout; meant for GPUs)"""
 
 
 def defaults_for(args: Args, env_id: str) -> Args:
@@ -134,6 +140,9 @@ def check_args(args: Args) -> None:
         problems.append(f"--real-ratio must be in [0, 1], got {args.real_ratio}")
     if not 0.0 < args.filter_proportion <= 1.0:
         problems.append(f"--filter-proportion must be in (0, 1], got {args.filter_proportion}")
+    elif args.filter_proportion * args.rollout_batch_size < 1:
+        problems.append(f"--filter-proportion {args.filter_proportion} keeps no trajectory of --rollout-batch-size "
+                        f"{args.rollout_batch_size}; raise either so that their product is >= 1")
     if args.num_iterations < 0:
         problems.append(f"--num-iterations must be >= 0, got {args.num_iterations}")
     if args.filter_temperature <= 0:
@@ -170,38 +179,55 @@ class Critic(nn.Module):
 
 
 class SyntheticBuffer:
-    """FIFO ring buffer of synthetic transitions, preallocated on the device."""
+    """FIFO ring buffer of synthetic transitions, preallocated on the device; add() never waits on the device."""
 
     def __init__(self, capacity, obs_dim, action_dim, device):
-        self.capacity, self.size, self.ptr = capacity, 0, 0
-        self.obs = torch.zeros(capacity, obs_dim, device=device)
-        self.actions = torch.zeros(capacity, action_dim, device=device)
-        self.rewards = torch.zeros(capacity, device=device)
-        self.next_obs = torch.zeros(capacity, obs_dim, device=device)
-        self.dones = torch.zeros(capacity, device=device)
+        self.capacity = capacity
+        # One spare row at the end takes the writes of masked-out rows, so an insert needs no host sync.
+        self.obs = torch.zeros(capacity + 1, obs_dim, device=device)
+        self.actions = torch.zeros(capacity + 1, action_dim, device=device)
+        self.rewards = torch.zeros(capacity + 1, device=device)
+        self.next_obs = torch.zeros(capacity + 1, obs_dim, device=device)
+        self.dones = torch.zeros(capacity + 1, device=device)
+        self.ptr = torch.zeros((), dtype=torch.long, device=device)  # next slot to write
+        self.count = torch.zeros((), dtype=torch.long, device=device)  # transitions held, <= capacity
+        self.empty = True  # known on the host: sampling needs no sync either
 
-    def add(self, obs, actions, rewards, next_obs, dones):
-        n = len(obs)
-        if n > self.capacity:  # only the newest fit
-            obs, actions, rewards, next_obs, dones = (x[-self.capacity:] for x in (obs, actions, rewards, next_obs, dones))
-            n = self.capacity
-        idx = (self.ptr + torch.arange(n, device=self.obs.device)) % self.capacity
+    @property
+    def size(self):
+        """Transitions held (reads the device: for logs and checkpoints, not for the training loop)."""
+        return int(self.count)
+
+    def add(self, obs, actions, rewards, next_obs, dones, valid=None):
+        """Append the rows where `valid` [n] is True (all if None), in order; once full, the oldest go."""
+        if len(obs) == 0:
+            return
+        if valid is None:
+            valid = torch.ones(len(obs), dtype=torch.bool, device=self.obs.device)
+        rank = valid.long().cumsum(0)  # 1-based position among the valid rows
+        total = rank[-1]
+        fits = valid & (rank > total - self.capacity)  # only the newest `capacity` rows fit
+        slot = torch.where(fits, (self.ptr + rank - 1) % self.capacity, self.capacity)
         for buf, x in ((self.obs, obs), (self.actions, actions), (self.rewards, rewards), (self.next_obs, next_obs),
                        (self.dones, dones)):
-            buf[idx] = x.to(buf.dtype)
-        self.ptr = (self.ptr + n) % self.capacity
-        self.size = min(self.size + n, self.capacity)
+            buf[slot] = x.to(buf.dtype)
+        self.ptr = (self.ptr + total) % self.capacity
+        self.count = (self.count + total).clamp(max=self.capacity)
+        self.empty = False
 
     def state_dict(self):
         s = self.size
-        return dict(capacity=self.capacity, size=s, ptr=self.ptr, obs=self.obs[:s].cpu(), actions=self.actions[:s].cpu(),
-                    rewards=self.rewards[:s].cpu(), next_obs=self.next_obs[:s].cpu(), dones=self.dones[:s].cpu())
+        return dict(capacity=self.capacity, size=s, ptr=int(self.ptr), obs=self.obs[:s].cpu(),
+                    actions=self.actions[:s].cpu(), rewards=self.rewards[:s].cpu(), next_obs=self.next_obs[:s].cpu(),
+                    dones=self.dones[:s].cpu())
 
     def load_state_dict(self, d):
-        s = d["size"]
+        s = int(d["size"])
         for name in ("obs", "actions", "rewards", "next_obs", "dones"):
             getattr(self, name)[:s] = d[name].to(self.obs.device)
-        self.size, self.ptr = s, d["ptr"]
+        self.count.fill_(s)
+        self.ptr.fill_(int(d["ptr"]))
+        self.empty = s == 0
 
 
 def filter_trajectories(scores, proportion, method, temperature, generator=None):
@@ -224,13 +250,15 @@ def alive_mask(dones):
 
 def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
     """A batch of round(real_ratio * B) real transitions and the rest synthetic (all real while D_syn is empty)."""
-    n_syn = 0 if synthetic.size == 0 else batch_size - int(round(real_ratio * batch_size))
+    n_syn = 0 if synthetic.empty else batch_size - int(round(real_ratio * batch_size))
     n_real = batch_size - n_syn
     dev = real["obs"].device
     ri = torch.randint(len(real["obs"]), (n_real,), device=dev, generator=generator)
     batch = {k: v[ri] for k, v in real.items()}
     if n_syn:
-        si = torch.randint(synthetic.size, (n_syn,), device=dev, generator=generator)
+        # uniform below the buffer's count, which stays on the device
+        u = torch.rand(n_syn, device=dev, generator=generator)
+        si = (u * synthetic.count).long().clamp(max=synthetic.count - 1)
         syn = dict(obs=synthetic.obs[si], actions=synthetic.actions[si], rewards=synthetic.rewards[si],
                    next_obs=synthetic.next_obs[si], dones=synthetic.dones[si])
         batch = {k: torch.cat([batch[k], syn[k]]) for k in batch}
@@ -270,6 +298,84 @@ def maze_picture(data, states, keep, path):
     os.replace(tmp, path)
     env.close()
     return float(crossing.mean())
+
+
+def make_update_fns(actor, qf1, qf2, actor_target, qf1_target, qf2_target, q_optimizer, actor_optimizer, args,
+                    max_action, obs_mean, obs_std):
+    """TD3+BC's gradient step as two functions of a raw batch: update_critic(batch) and update_actor(batch)."""
+    targets = [p for net in (actor_target, qf1_target, qf2_target) for p in net.parameters()]
+    onlines = [p for net in (actor, qf1, qf2) for p in net.parameters()]
+
+    def update_critic(batch):
+        """One TD step of both critics towards min(Q1', Q2') at a smoothed target action; returns the two losses."""
+        obs, next_obs = (batch["obs"] - obs_mean) / obs_std, (batch["next_obs"] - obs_mean) / obs_std
+        with torch.no_grad():
+            noise = (torch.randn_like(batch["actions"]) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
+            next_actions = (actor_target(next_obs) + noise * max_action).clamp(-max_action, max_action)
+            target_q = torch.min(qf1_target(next_obs, next_actions), qf2_target(next_obs, next_actions))
+            target_q = batch["rewards"] + (1.0 - batch["dones"]) * args.gamma * target_q
+        qf1_loss = F.mse_loss(qf1(obs, batch["actions"]), target_q)
+        qf2_loss = F.mse_loss(qf2(obs, batch["actions"]), target_q)
+        q_optimizer.zero_grad(set_to_none=True)
+        (qf1_loss + qf2_loss).backward()
+        q_optimizer.step()
+        return qf1_loss.detach(), qf2_loss.detach()
+
+    def update_actor(batch):
+        """The delayed actor step, -lambda Q(s, pi(s)) + (pi(s) - a)^2, then Polyak targets; returns (loss, mean Q)."""
+        obs = (batch["obs"] - obs_mean) / obs_std
+        pi = actor(obs)
+        q = qf1(obs, pi)
+        lmbda = args.alpha / q.abs().mean().detach()
+        actor_loss = -lmbda * q.mean() + F.mse_loss(pi, batch["actions"])
+        actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        actor_optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(targets, onlines, args.tau)  # every target parameter in one call
+        return actor_loss.detach(), q.mean().detach()
+
+    return update_critic, update_actor
+
+
+def cuda_graphed(fn, modules, optimizers):
+    """fn(batch) as one CUDA graph, captured at the first call and replayed after; the result tensors are reused.
+
+    Capture needs a few warm-up calls first; their updates are undone (weights and optimizer states copied
+    back in place), so the graphed run takes the same steps as the eager one. Adam must be capturable.
+    """
+    graph, static_batch, static_out = None, None, None
+
+    def graphed(batch):
+        nonlocal graph, static_batch, static_out
+        if graph is None:
+            static_batch = {k: v.clone() for k, v in batch.items()}
+            weights = [(t, t.detach().clone()) for m in modules for t in m.state_dict(keep_vars=True).values()]
+            states = [{p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in opt.state.items()}
+                      for opt in optimizers]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    fn(static_batch)
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.no_grad():  # undo the warm-up: fresh optimizer states restart from zero
+                for t, saved in weights:
+                    t.copy_(saved)
+                for opt, saved in zip(optimizers, states):
+                    for p, st in opt.state.items():
+                        for k, v in st.items():
+                            if torch.is_tensor(v):
+                                v.copy_(saved[p][k]) if p in saved else v.zero_()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = fn(static_batch)
+        for k, v in batch.items():
+            static_batch[k].copy_(v)
+        graph.replay()
+        return static_out
+
+    return graphed
 
 
 if __name__ == "__main__":
@@ -338,6 +444,9 @@ if __name__ == "__main__":
                              f"{args.rollout_length}")
         is_terminal = termination_fn(data.task)
         cond_mask = condition_mask(args.rollout_length, S, A, device=device)
+        dm_bf16 = args.dm_bf16 and device.type == "cuda"  # bf16 convolutions are slow on most CPUs
+        if args.compile_dm:
+            denoiser = torch.compile(denoiser)
 
     # Networks
     actor = Actor(obs_dim, A, max_action).to(device)
@@ -347,9 +456,19 @@ if __name__ == "__main__":
     actor_target.load_state_dict(actor.state_dict())
     qf1_target.load_state_dict(qf1.state_dict())
     qf2_target.load_state_dict(qf2.state_dict())
-    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.learning_rate)
-    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
+    graphs = args.cudagraphs and device.type == "cuda"
+    if args.cudagraphs and not graphs:
+        print("--cudagraphs needs a GPU: the update runs eagerly")
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.learning_rate,
+                                   capturable=graphs)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, capturable=graphs)
     synthetic = SyntheticBuffer(args.synthetic_buffer_size, obs_dim, A, device)
+    update_critic, update_actor = make_update_fns(actor, qf1, qf2, actor_target, qf1_target, qf2_target, q_optimizer,
+                                                  actor_optimizer, args, max_action, obs_mean, obs_std)
+    if graphs:  # the update is ~40 small kernels: replaying them as one graph removes the launch overhead
+        nets, optimizers = (actor, qf1, qf2, actor_target, qf1_target, qf2_target), (q_optimizer, actor_optimizer)
+        update_critic = cuda_graphed(update_critic, nets, optimizers)
+        update_actor = cuda_graphed(update_actor, nets, optimizers)
 
     def policy(obs):
         """The learning policy on raw observations (what the rollout and the evaluation call)."""
@@ -409,8 +528,9 @@ if __name__ == "__main__":
                 # c. M rounds: DM states given (s_0, actions), then relabel every action with the policy
                 for _ in range(args.num_iterations):
                     cond = torch.cat([s0[:, None, :].expand(B_r, L, S), actions], dim=-1)
-                    x = edm_sampler(denoiser, dm_normalizer.normalize(cond), cond_mask, num_steps=args.sampler_steps,
-                                    generator=gen)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dm_bf16):
+                        x = edm_sampler(denoiser, dm_normalizer.normalize(cond), cond_mask,
+                                        num_steps=args.sampler_steps, generator=gen)
                     new_states = torch.cat([s0[:, None], dm_normalizer.unnormalize(x)[:, 1:, :S]], dim=1)
                     states = 0.5 * (states + new_states) if args.average_with_previous else new_states
                     obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
@@ -424,14 +544,15 @@ if __name__ == "__main__":
                 # e. filter by predicted return
                 keep = filter_trajectories(scores, args.filter_proportion, args.filter, args.filter_temperature, gen)
                 # f. push every transition of the kept trajectories (up to the first terminal) into D_syn
-                valid = alive[keep].bool()
-                synthetic.add(obs[keep, :-1][valid], actions[keep, :-1][valid], rewards[keep][valid],
-                              obs[keep, 1:][valid], dones[keep][valid])
-            rollout_metrics = {
-                "dydiff/rollout_time": time.time() - t0, "dydiff/kept_fraction": len(keep) / B_r,
-                "dydiff/return_kept": scores[keep].mean().item(), "dydiff/return_all": scores.mean().item(),
-                "dydiff/synthetic_buffer_size": synthetic.size, "dydiff/terminal_fraction": dones.amax(1).mean().item(),
+                #    (a mask, not boolean indexing: nothing here waits on the device)
+                synthetic.add(obs[keep, :-1].flatten(0, 1), actions[keep, :-1].flatten(0, 1), rewards[keep].flatten(),
+                              obs[keep, 1:].flatten(0, 1), dones[keep].flatten(), valid=alive[keep].flatten().bool())
+            rollout_metrics = {  # reading these waits for the rollout to finish, so the time below is true
+                "dydiff/kept_fraction": len(keep) / B_r, "dydiff/return_kept": scores[keep].mean().item(),
+                "dydiff/return_all": scores.mean().item(), "dydiff/synthetic_buffer_size": synthetic.size,
+                "dydiff/terminal_fraction": dones.amax(1).mean().item(),
             }
+            rollout_metrics["dydiff/rollout_time"] = time.time() - t0
             picture = None
             if data.task == "pointmaze" and (global_step % args.eval_freq == 0 or global_step == start_step):
                 picture = run_dir / "synthetic_trajectories.png"
@@ -440,40 +561,18 @@ if __name__ == "__main__":
 
         # TD3+BC update
         batch, n_syn = mixed_batch(real, synthetic, args.batch_size, args.real_ratio, gen)
-        obs, next_obs = (batch["obs"] - obs_mean) / obs_std, (batch["next_obs"] - obs_mean) / obs_std
-        with torch.no_grad():
-            noise = (torch.randn(batch["actions"].shape, device=device) * args.policy_noise).clamp(-args.noise_clip, args.noise_clip)
-            next_actions = (actor_target(next_obs) + noise * max_action).clamp(-max_action, max_action)
-            target_q = torch.min(qf1_target(next_obs, next_actions), qf2_target(next_obs, next_actions))
-            target_q = batch["rewards"] + (1.0 - batch["dones"]) * args.gamma * target_q
-        qf1_loss = F.mse_loss(qf1(obs, batch["actions"]), target_q)
-        qf2_loss = F.mse_loss(qf2(obs, batch["actions"]), target_q)
-        qf_loss = qf1_loss + qf2_loss
-        q_optimizer.zero_grad(set_to_none=True)
-        qf_loss.backward()
-        q_optimizer.step()
-
+        qf1_loss, qf2_loss = update_critic(batch)
         if global_step % args.policy_frequency == 0:
-            pi = actor(obs)
-            q = qf1(obs, pi)
-            lmbda = args.alpha / q.abs().mean().detach()
-            actor_loss = -lmbda * q.mean() + F.mse_loss(pi, batch["actions"])
-            actor_optimizer.zero_grad(set_to_none=True)
-            actor_loss.backward()
-            actor_optimizer.step()
-            with torch.no_grad():
-                for net, target in ((actor, actor_target), (qf1, qf1_target), (qf2, qf2_target)):
-                    for p, tp in zip(net.parameters(), target.parameters()):
-                        tp.lerp_(p, args.tau)
+            actor_loss, q_mean = update_actor(batch)
         sps_steps += 1
 
         # Logging, evaluation and checkpoint
         step = global_step + 1
         if step % 1000 == 0 or step == args.total_steps:
-            if not torch.isfinite(qf_loss):
+            if not torch.isfinite(qf1_loss + qf2_loss):
                 raise SystemExit(f"NaN/inf in the critic loss at step {step}; lower --learning-rate or check the data")
             log({"losses/qf1_loss": qf1_loss.item(), "losses/qf2_loss": qf2_loss.item(), "losses/actor_loss": actor_loss.item(),
-                 "losses/qf1_values": q.mean().item(), "charts/synthetic_in_batch": n_syn / args.batch_size,
+                 "losses/qf1_values": q_mean.item(), "charts/synthetic_in_batch": n_syn / args.batch_size,
                  "charts/SPS": sps_steps / (time.time() - start_time)}, step)
         if step % args.eval_freq == 0 or step == args.total_steps:
             actor.eval()

@@ -239,7 +239,9 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     rng = np.random.default_rng(args.seed + 1)
     n0 = int(held_segs[0].min())
-    report = {"env_id": args.env_id, "fingerprint": data.fingerprint, "horizon": L, "heldout_transitions": data.size - n0}
+    report = {"env_id": args.env_id, "fingerprint": data.fingerprint, "horizon": L, "heldout_transitions": data.size - n0,
+              "dm": {"dim": args.dm_dim, "dim_mults": list(args.dm_dim_mults), "steps": args.dm_steps,
+                     "params": sum(p.numel() for p in denoiser.parameters())}}
 
     # Held-out losses
     obs_h, act_h, rew_h = (torch.as_tensor(a[n0:], device=device) for a in (data.observations, data.actions, data.rewards))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.checkpoints import load_model_file, models_folder
+from common.checkpoints import load_dm, load_model_file, models_folder
 from common.datasets import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_writes_model_files_that_load_for_this_dataset(pretrained):
         assert ckpt["dataset_ids"] == list(data.dataset_ids)
     dm = load_model_file(folder, "dm", data.fingerprint)
     assert dm["horizon"] == 16 and "normalizer" in dm
-    from common.checkpoints import load_dm, load_dynamics, load_reward
+    from common.checkpoints import load_dynamics, load_reward
 
     denoiser, normalizer, _ = load_dm(folder, data.fingerprint)
     dynamics, reward = load_dynamics(folder, data.fingerprint), load_reward(folder, data.fingerprint)
@@ -68,6 +68,9 @@ def test_report_has_losses_and_error_curves(pretrained):
     report = json.loads((folder / "report.json").read_text())
     assert np.isfinite(report["dm_heldout_loss"]) and report["dm_heldout_loss"] > 0
     assert len(report["dynamics_heldout_mse_per_member"]) == 7 and len(report["dynamics_elites"]) == 5
+    denoiser, _, info = load_dm(folder)
+    assert report["dm"]["params"] == sum(p.numel() for p in denoiser.parameters()) > 0
+    assert (report["dm"]["dim"], tuple(report["dm"]["dim_mults"])) == (info["dim"], tuple(info["dim_mults"]))
     curves = report["state_error_vs_horizon"]
     assert set(curves) == {"dataset/ensemble", "dataset/dm", "policy/ensemble", "policy/dm_M1", "policy/dm_M2"}
     for name, err in curves.items():

@@ -11,7 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from script_runs import TINY, kill_after_first_checkpoint, metrics, models_for_other_data, run_script  # noqa: E402
-from dydiff_td3bc import SyntheticBuffer, alive_mask, filter_trajectories, mixed_batch  # noqa: E402
+from dydiff_td3bc import (Actor, Critic, SyntheticBuffer, alive_mask, cuda_graphed, filter_trajectories,  # noqa: E402
+                          make_update_fns, mixed_batch)
 
 
 
@@ -147,12 +148,96 @@ def test_synthetic_buffer_is_fifo():
         v = torch.arange(start, start + 3).float()
         buf.add(v[:, None], v[:, None], v, v[:, None], torch.zeros(3))
     assert buf.size == 5
-    assert sorted(buf.rewards.tolist()) == [4.0, 5.0, 6.0, 7.0, 8.0]  # the oldest four are gone
+    assert buf.rewards[:5].tolist() == [5.0, 6.0, 7.0, 8.0, 4.0]  # the oldest four are gone, ring order
     restored = SyntheticBuffer(5, 1, 1, "cpu")
     restored.load_state_dict(buf.state_dict())
-    assert torch.equal(restored.rewards, buf.rewards) and restored.ptr == buf.ptr
+    assert torch.equal(restored.rewards[:5], buf.rewards[:5]) and int(restored.ptr) == int(buf.ptr) == 4
+    assert not restored.empty and restored.size == 5
+
+
+def test_masked_insert_equals_inserting_the_selected_rows():
+    g = torch.Generator().manual_seed(0)
+    masked, selected = SyntheticBuffer(50, 2, 1, "cpu"), SyntheticBuffer(50, 2, 1, "cpu")
+    for n in (7, 30, 1, 40, 12):  # wraps around several times, one insert larger than what it keeps
+        x = torch.randn(n, 2, generator=g)
+        valid = torch.rand(n, generator=g) < 0.6
+        valid[0] = True
+        masked.add(x, x[:, :1], x[:, 0], -x, x[:, 1] > 0, valid=valid)
+        selected.add(x[valid], x[valid, :1], x[valid, 0], -x[valid], x[valid, 1] > 0)
+        assert masked.size == selected.size and int(masked.ptr) == int(selected.ptr)
+        for name in ("obs", "actions", "rewards", "next_obs", "dones"):
+            assert torch.equal(getattr(masked, name)[:50], getattr(selected, name)[:50])
+    big = SyntheticBuffer(4, 1, 1, "cpu")  # more valid rows than the capacity: the newest 4 are kept
+    v = torch.arange(10.0)
+    big.add(v[:, None], v[:, None], v, v[:, None], torch.zeros(10), valid=v % 2 == 0)
+    assert big.size == 4 and sorted(big.rewards[:4].tolist()) == [2.0, 4.0, 6.0, 8.0]
+
+
+def test_mixed_batch_draws_only_stored_synthetic_rows():
+    g = torch.Generator().manual_seed(0)
+    real = {k: torch.zeros(100, *s) for k, s in
+            (("obs", (1,)), ("actions", (1,)), ("rewards", ()), ("next_obs", (1,)), ("dones", ()))}
+    syn = SyntheticBuffer(1000, 1, 1, "cpu")
+    v = torch.arange(1.0, 4.0)  # three rows, rewards 1, 2, 3; the other 997 slots stay zero
+    syn.add(v[:, None], v[:, None], v, v[:, None], torch.zeros(3))
+    drawn = torch.cat([mixed_batch(real, syn, 100, 0.0, g)[0]["rewards"] for _ in range(20)])
+    assert set(drawn.tolist()) == {1.0, 2.0, 3.0}
 
 
 def test_synthetic_trajectories_stop_at_their_first_terminal():
     dones = torch.tensor([[0, 0, 1, 0, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0.0]])
     np.testing.assert_array_equal(alive_mask(dones).numpy(), [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+
+
+# ----------------------------------------------------------------------------- the update step
+def _trainer(device="cpu", capturable=False, seed=0):
+    from types import SimpleNamespace
+
+    torch.manual_seed(seed)
+    hp = SimpleNamespace(policy_noise=0.0, noise_clip=0.5, gamma=0.99, alpha=2.5, tau=0.005)  # no noise: deterministic
+    actor, qf1, qf2 = Actor(3, 2, 1.0), Critic(3, 2), Critic(3, 2)
+    targets = [Actor(3, 2, 1.0), Critic(3, 2), Critic(3, 2)]
+    for t, n in zip(targets, (actor, qf1, qf2)):
+        t.load_state_dict(n.state_dict())
+    nets = [m.to(device) for m in (actor, qf1, qf2, *targets)]
+    q_opt = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=1e-3, capturable=capturable)
+    a_opt = torch.optim.Adam(actor.parameters(), lr=1e-3, capturable=capturable)
+    stats = torch.zeros(3, device=device), torch.ones(3, device=device)
+    return nets, (q_opt, a_opt), make_update_fns(*nets, q_opt, a_opt, hp, 1.0, *stats)
+
+
+def _batch(seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    b = dict(obs=torch.randn(64, 3, generator=g), actions=torch.rand(64, 2, generator=g) * 2 - 1,
+             rewards=torch.randn(64, generator=g), next_obs=torch.randn(64, 3, generator=g), dones=torch.zeros(64))
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def test_update_moves_the_critics_and_polyaks_the_targets():
+    nets, _, (update_critic, update_actor) = _trainer()
+    actor, qf1, _, actor_t, qf1_t, _ = nets
+    batch = _batch(0)
+    losses = [update_critic(batch)[0].item() for _ in range(30)]
+    assert losses[-1] < losses[0]  # the critic learns the fixed batch's TD targets
+    before = [p.clone() for p in actor_t.parameters()] + [p.clone() for p in qf1_t.parameters()]
+    update_actor(batch)
+    after = list(actor_t.parameters()) + list(qf1_t.parameters())
+    online = list(actor.parameters()) + list(qf1.parameters())
+    for b, a, o in zip(before, after, online):  # target <- (1 - tau) target + tau online, for every parameter
+        torch.testing.assert_close(a, 0.995 * b + 0.005 * o)
+        assert not torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphed_update_takes_the_same_steps_as_the_eager_one():
+    eager_nets, _, (ec, ea) = _trainer("cuda")
+    graph_nets, opts, (gc, ga) = _trainer("cuda", capturable=True)
+    gc, ga = cuda_graphed(gc, graph_nets, opts), cuda_graphed(ga, graph_nets, opts)
+    for i in range(6):
+        batch = _batch(i, "cuda")
+        torch.testing.assert_close(gc(batch)[0], ec(batch)[0])
+        if i % 2 == 0:
+            torch.testing.assert_close(ga(batch)[0], ea(batch)[0])
+    for e, g in zip(eager_nets, graph_nets):
+        for pe, pg in zip(e.parameters(), g.parameters()):
+            torch.testing.assert_close(pg, pe)

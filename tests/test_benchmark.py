@@ -1,0 +1,38 @@
+"""tests/benchmark.py runs end to end at a tiny size and reports every figure it promises (speed is not judged here)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_reports_every_section(tmp_path):
+    out_file = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "tests" / "benchmark.py"), "--size", "small", "--no-cuda", "--no-compile",
+           "--bf16", "on", "--dm-dim", "8", "--dm-dim-mults", "1", "2", "--rollout-batch-size", "16", "--rollout-length", "12",
+           "--sampler-steps", "3", "--repeats", "1", "--dm-train-steps", "10", "--json-out", str(out_file),
+           "--sections", "forward", "sampler", "rollout", "update", "projection"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out_file.read_text())
+    assert set(r["forward"]) == {"flops_per_window", "fp32 eager", "bf16 eager"}
+    assert r["forward"]["flops_per_window"] > 0 and r["forward"]["fp32 eager"]["tflops"] > 0
+    for variant in ("fp32 eager", "bf16 eager"):
+        s = r["sampler"][variant]
+        assert s["ratio_to_forward"] > 0
+        # M refinements cost M samples: transitions/s halves from M = 1 to M = 2
+        assert abs(s["transitions_per_s_M1"] - 2 * s["transitions_per_s_M2"]) < 1e-6 * s["transitions_per_s_M1"]
+    phases = r["rollout"]["phases_s"]
+    assert list(phases) == ["start states", "ensemble rollout", "DM sampling", "relabelling", "rewards", "filter",
+                            "buffer insert"]
+    assert all(v > 0 for v in phases.values())
+    assert set(r["update"]) == {"eager/real only", "eager/mixed with D_syn"}
+    p = r["projection"]
+    parts = p["parts_s"]
+    assert abs(p["dydiff_s"] - sum(parts.values())) < 1e-9 * p["dydiff_s"]
+    assert abs(p["base_s"] - parts["TD3+BC steps (base)"] - parts["evaluation (upper bound)"]) < 1e-9 * p["base_s"]
+    # a rollout every 500 of 1M steps: 2,000 rollouts of the measured duration
+    assert abs(parts["rollout steps"] - 2000 * r["rollout"]["whole_s"]) < 1e-9 * parts["rollout steps"]
+    assert "| DyDiff-TD3BC run, pretraining included |" in out.stdout
