@@ -643,10 +643,10 @@ if __name__ == "__main__":
 
         bc_loss = actor.bc_loss(obs, batch["actions"])
         new_q1, new_q2 = critic(obs, actor.sample(obs))
-        if torch.rand((), device=device, generator=gen).item() > 0.5:  # Q1 or Q2 at random, as the authors
-            ql_loss = -new_q1.mean() / new_q2.abs().mean().detach()
-        else:
-            ql_loss = -new_q2.mean() / new_q1.abs().mean().detach()
+        # Q1 or Q2 at random, as the authors; the coin stays on the device (no host sync per step)
+        coin = torch.rand((), device=device, generator=gen) > 0.5
+        ql_loss = torch.where(coin, -new_q1.mean() / new_q2.abs().mean().detach(),
+                              -new_q2.mean() / new_q1.abs().mean().detach())
         actor_loss = bc_loss + args.eta * ql_loss
         actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()

@@ -24,10 +24,12 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common.checkpoints import load_model_file  # noqa: E402
 from common.dynamics import EnsembleDynamics, RewardModel  # noqa: E402
 from common.edm import EDMPrecond, TemporalUnet, condition_mask, edm_sampler  # noqa: E402
 from common.envs import termination_fn  # noqa: E402
-from dydiff_td3bc import Actor, Critic, SyntheticBuffer, alive_mask, filter_trajectories, make_update_fns, mixed_batch  # noqa: E402
+from dydiff_td3bc import (Actor, Critic, SyntheticBuffer, alive_mask, cuda_graphed, filter_trajectories,  # noqa: E402
+                          make_update_fns, mixed_batch)
 
 S, CONTEXT, A = 4, 2, 2  # maze2d: physical state (x, y, vx, vy), goal (x, y), force (fx, fy)
 OBS = S + CONTEXT
@@ -287,19 +289,24 @@ def bench_update(args, device, results):
     gen = torch.Generator(device=device).manual_seed(0)
     mean, std = torch.zeros(OBS, device=device), torch.ones(OBS, device=device)
 
-    def trainer(compiled):
+    def trainer(variant):
+        graphs = variant == "CUDA graphs"
         actor, actor_t = Actor(OBS, A, 1.0).to(device), Actor(OBS, A, 1.0).to(device)
         qs = [Critic(OBS, A).to(device) for _ in range(4)]
-        q_opt = torch.optim.Adam(list(qs[0].parameters()) + list(qs[1].parameters()), lr=3e-4)
-        a_opt = torch.optim.Adam(actor.parameters(), lr=3e-4)
+        q_opt = torch.optim.Adam(list(qs[0].parameters()) + list(qs[1].parameters()), lr=3e-4, capturable=graphs)
+        a_opt = torch.optim.Adam(actor.parameters(), lr=3e-4, capturable=graphs)
         fns = make_update_fns(actor, qs[0], qs[1], actor_t, qs[2], qs[3], q_opt, a_opt, hp, 1.0, mean, std)
-        return tuple(torch.compile(f) for f in fns) if compiled else fns
+        if variant == "compiled":
+            return tuple(torch.compile(f) for f in fns)
+        if graphs:
+            return tuple(cuda_graphed(f, (actor, actor_t, *qs), (q_opt, a_opt)) for f in fns)
+        return fns
 
-    variants = {"eager": False, **({"compiled": True} if args.compile else {})}
+    variants = ["eager"] + ["compiled"] * args.compile + ["CUDA graphs"] * (device.type == "cuda")
     rows, out = [], {}
-    for name, compiled in variants.items():
+    for name in variants:
         for mix, buffer in (("real only", empty), ("mixed with D_syn", full)):
-            update_critic, update_actor = trainer(compiled)
+            update_critic, update_actor = trainer(name)
 
             def steps(k):
                 for i in range(k):
@@ -391,11 +398,12 @@ def bench_denoisers(args, device, results):
     bf16 = args.bf16
     errors = {}
     for folder in args.models_dirs:
-        report = json.loads((Path(folder) / "report.json").read_text())
-        cfg = report.get("dm")
-        if cfg is None:
-            raise SystemExit(f"{folder}/report.json has no 'dm' entry; re-run pretrain_models.py there to refresh it")
-        errors[(cfg["dim"], tuple(cfg["dim_mults"]))] = (folder, report)
+        report_file = Path(folder) / "report.json"
+        if not report_file.exists():
+            raise SystemExit(f"no report.json in {folder}; pass folders made by pretrain_models.py (e.g. models/maze2d-large)")
+        report = json.loads(report_file.read_text())
+        cfg = report.get("dm") or load_model_file(folder, "dm")  # reports before the "dm" entry: the model file says
+        errors[(cfg["dim"], tuple(cfg["dim_mults"]))] = (cfg, report)
     configs = DENOISERS + [c for c in errors if c not in DENOISERS]
     rows, out, ref = [], {}, None
     for dim, mults in configs:
@@ -411,14 +419,15 @@ def bench_denoisers(args, device, results):
         key = f"dim {dim}, mults {'-'.join(map(str, mults))}"
         err = ""
         if (dim, mults) in errors:
-            rep = errors[(dim, mults)][1]
+            cfg, rep = errors[(dim, mults)]
             at = rep.get(f"state_error_at_{rep['horizon'] - 1}", {})
-            err = f"{at.get('dataset/dm', float('nan')):.3f} / {at.get('policy/dm_M1', float('nan')):.3f}"
+            err = (f"{at.get('dataset/dm', float('nan')):.3f} / {at.get('policy/dm_M1', float('nan')):.3f} "
+                   f"({rep['env_id']}, {cfg['steps']:,} DM steps)")
         out[key] = dict(params=params, gflops_per_window=flops / 1e9, windows_per_s=B / t, cost_vs_paper=t / ref)
         rows.append([key, f"{params / 1e6:.2f}M", f"{flops / 1e9:.3f}", f"{B / t:,.0f}", f"{ref / t:.1f}x", err])
     table(f"Denoiser sizes, forward at batch {B} x L {L}{' (bf16)' if bf16 else ''}",
           ["U-Net", "parameters", "GFLOP/window", "windows/s", "speed vs paper size",
-           f"state error at step {L - 1}: dataset / policy M1"], rows)
+           "report's state error at its last step: dataset / policy M1"], rows)
     results["denoisers"] = out
 
 

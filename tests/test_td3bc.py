@@ -71,6 +71,16 @@ def test_base_and_single_step_modes(dydiff_run, dirs):
     assert any("dydiff/rollout_time" in r for r in metrics(m0))
 
 
+def test_speed_switches_keep_the_run_working_on_cpu(dydiff_run, dirs):
+    models, runs = dirs
+    out = run(*TINY, "--models-dir", str(models), "--runs-dir", str(runs), "--exp-name", "switches", "--compile-dm",
+              "--cudagraphs", "--total-steps", "60", "--eval-freq", "60")
+    assert "--cudagraphs needs a GPU: the update runs eagerly" in out.stdout
+    m = metrics(next(runs.glob("*switches__*")))
+    rollouts = [r for r in m if "dydiff/kept_fraction" in r]
+    assert [r["step"] for r in rollouts] == [0, 50] and rollouts[-1]["dydiff/synthetic_buffer_size"] == 2 * 19 * 15
+
+
 def test_kill_and_resume_reaches_the_same_final_step(dydiff_run, dirs):
     models, runs = dirs
     args = [*TINY, "--models-dir", str(models), "--runs-dir", str(runs), "--exp-name", "killed",
