@@ -85,6 +85,8 @@ class Args:
     """P_std: std of ln(sigma) during training"""
     dm_checkpoint_every: int = 2000
     """DM steps between resumable checkpoints"""
+    dm_bf16: bool = True
+    """train (and sample, in the report) the DM in bfloat16 autocast on a GPU, as the training scripts sample it"""
 
     # Dynamics ensemble
     dyn_members: int = 7
@@ -173,6 +175,7 @@ def train_dm(args, data, train_segs, device, folder, log):
     opt = torch.optim.Adam(denoiser.parameters(), lr=args.dm_lr)
     cond_mask = condition_mask(L, S, A, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    dm_bf16 = args.dm_bf16 and device.type == "cuda"
     step = 0
     ckpt_path = folder / "dm_train.pt"
     config = dict(horizon=L, dim=args.dm_dim, dim_mults=list(args.dm_dim_mults), sigma_data=args.sigma_data)
@@ -184,6 +187,8 @@ def train_dm(args, data, train_segs, device, folder, log):
             denoiser.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
             opt.load_state_dict(ckpt["opt"])
+            for group in opt.param_groups:  # this command's --dm-lr, not the saved one
+                group["lr"] = args.dm_lr
             gen.set_state(ckpt["generator"].cpu())
             step = ckpt["step"]
             print(f"resuming DM training at step {step:,} from {ckpt_path}")
@@ -195,19 +200,24 @@ def train_dm(args, data, train_segs, device, folder, log):
     for step in bar:
         idx = torch.randint(len(starts), (args.dm_batch_size,), device=device, generator=gen)
         x, valid = gather_windows(states, actions, next_states, starts[idx], lengths[idx], L)
-        loss = edm_loss(denoiser, normalizer.normalize(x), cond_mask, args.p_mean, args.p_std, valid=valid, generator=gen)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"DM loss is {loss.item()} at step {step}; lower --dm-lr (now {args.dm_lr})")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dm_bf16):
+            loss = edm_loss(denoiser, normalizer.normalize(x), cond_mask, args.p_mean, args.p_std, valid=valid,
+                            generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         ema.update(denoiser)
+        checkpoint = (step + 1) % args.dm_checkpoint_every == 0 or step + 1 == args.dm_steps
+        # Checked every 100 steps and before each save, not every step: reading the loss waits for the device.
+        # A NaN spreads to the weights, so the loss at the next check shows it too.
+        if (step % 100 == 0 or checkpoint) and not torch.isfinite(loss):
+            raise FloatingPointError(f"DM loss is {loss.item()} at step {step}; lower --dm-lr (now {args.dm_lr})")
         if step % 100 == 0:
             loss_val = loss.item()
             loss_avg = loss_val if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_val
             bar.set_postfix(loss=f"{loss_avg:.4f}")
             log({"losses/dm": loss_val, "charts/dm_steps_per_s": (step + 1) / max(time.time() - t0, 1e-9)}, step)
-        if (step + 1) % args.dm_checkpoint_every == 0 or step + 1 == args.dm_steps:
+        if checkpoint:
             atomic_save(dict(model=denoiser.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                              generator=gen.get_state(), step=step + 1, fingerprint=data.fingerprint, config=config),
                         ckpt_path)
@@ -222,7 +232,8 @@ def sample_states(denoiser, normalizer, s0, actions, args, gen):
     S = s0.shape[1]
     cond = torch.cat([s0[:, None, :].expand(B, L, S), actions], dim=-1)
     mask = condition_mask(L, S, A, device=s0.device)
-    x = edm_sampler(denoiser, normalizer.normalize(cond), mask, num_steps=args.sampler_steps, generator=gen)
+    with torch.autocast(s0.device.type, dtype=torch.bfloat16, enabled=args.dm_bf16 and s0.device.type == "cuda"):
+        x = edm_sampler(denoiser, normalizer.normalize(cond), mask, num_steps=args.sampler_steps, generator=gen)
     states = normalizer.unnormalize(x)[..., :S]
     return torch.cat([s0[:, None], states[:, 1:]], dim=1)  # s0 exactly, not its normalize round trip
 
@@ -423,7 +434,10 @@ if __name__ == "__main__":
         denoiser, normalizer, _ = load_dm(folder, data.fingerprint, device)
         print("diffusion model: already trained, kept")
     else:
-        denoiser, normalizer = train_dm(args, data, train_segs, device, folder, log)
+        try:
+            denoiser, normalizer = train_dm(args, data, train_segs, device, folder, log)
+        except FloatingPointError as e:
+            raise SystemExit(f"{e}; the last good checkpoint, {folder / 'dm_train.pt'}, is kept (if any)")
         timings["dm_s"] = time.time() - t0
 
     # 4. Report

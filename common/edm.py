@@ -310,8 +310,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the average one step towards `model`'s current weights; buffers are copied as they are."""
-        for ema_p, p in zip(self.module.parameters(), model.parameters()):
-            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        # One fused call over all parameters: a per-tensor loop launches hundreds of tiny kernels on a GPU.
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], 1.0 - self.decay)
         for ema_b, b in zip(self.module.buffers(), model.buffers()):
             ema_b.copy_(b)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,19 @@ def test_bad_inputs_end_in_one_clear_message(tmp_path):
     assert "Traceback" not in out.stderr
     out = run(*TINY, "--models-dir", str(tmp_path), "--dyn-elites", "9", check=False)
     assert out.returncode != 0 and "--dyn-elites" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_diverging_dm_stops_with_one_message_and_keeps_its_last_checkpoint(pretrained, tmp_path):
+    models_dir, _ = pretrained
+    src, folder = models_folder(str(models_dir), "maze2d-umaze"), models_folder(str(tmp_path), "maze2d-umaze")
+    folder.mkdir(parents=True)
+    for name in ("dynamics.pt", "reward.pt", "dm_train.pt"):  # the DM resumes from its last checkpoint
+        shutil.copy(src / name, folder / name)
+    good = torch.load(folder / "dm_train.pt", weights_only=False)
+    out = run(*TINY, "--models-dir", str(tmp_path), "--dm-steps", str(good["step"] + 20), "--dm-lr", "1e30", check=False)
+    assert f"resuming DM training at step {good['step']}" in out.stdout
+    assert out.returncode != 0 and "DM loss is" in out.stderr and "lower --dm-lr" in out.stderr
+    assert "Traceback" not in out.stderr
+    kept = torch.load(folder / "dm_train.pt", weights_only=False)
+    assert kept["step"] == good["step"] and all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
+    assert not (folder / "dm.pt").exists()
