@@ -104,6 +104,15 @@ def timed(fn, device, repeats, warmup=1):
     return statistics.median(times)
 
 
+def attempt(name, fn):
+    """fn()'s result, or None after one line saying why this variant failed (the others are still measured)."""
+    try:
+        return fn()
+    except Exception as e:  # a compiler or graph-capture failure must not hide the baseline figures
+        print(f"\n{name}: failed, left out ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return None
+
+
 def forward_flops(net, x, noise):
     """FLOPs of one forward pass, counted per operator (a multiply-add is 2 FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -143,7 +152,9 @@ def bench_forward(args, device, denoiser, variants, results):
         def fwd():
             with torch.no_grad(), autocast(device, bf16):
                 net(x, noise)
-        t = timed(fwd, device, 5 * args.repeats)
+        t = attempt(name, lambda: timed(fwd, device, 5 * args.repeats))
+        if t is None:
+            continue
         out[name] = dict(seconds=t, windows_per_s=B / t, tflops=flops / t / 1e12)
         rows.append([name, f"{B / t:,.0f}", f"{flops / t / 1e12:.3f}"])
     table(f"Denoiser forward (F only), batch {B} x L {L}, {flops / B / 1e9:.3f} GFLOP per window",
@@ -174,8 +185,10 @@ def bench_sampler(args, device, denoiser, variants, results):
             with torch.no_grad(), autocast(device, bf16):
                 for _ in range(evals):
                     net(x, noise)
-        pairs = [(timed(sample, device, 1, warmup=int(i == 0)), timed(bare, device, 1, warmup=int(i == 0)))
-                 for i in range(args.repeats)]
+        pairs = attempt(name, lambda: [(timed(sample, device, 1, warmup=int(i == 0)),
+                                        timed(bare, device, 1, warmup=int(i == 0))) for i in range(args.repeats)])
+        if pairs is None:
+            continue
         t = statistics.median(p[0] for p in pairs)
         ratio = statistics.median(p[1] / p[0] for p in pairs)
         out[name] = dict(seconds=t, ratio_to_forward=ratio,
@@ -304,19 +317,22 @@ def bench_update(args, device, results):
 
     variants = ["eager"] + ["compiled"] * args.compile + ["CUDA graphs"] * (device.type == "cuda")
     rows, out = [], {}
-    for name in variants:
-        for mix, buffer in (("real only", empty), ("mixed with D_syn", full)):
-            update_critic, update_actor = trainer(name)
+    def steps_per_s(variant, buffer):
+        update_critic, update_actor = trainer(variant)
 
-            def steps(k):
-                for i in range(k):
-                    batch, _ = mixed_batch(real, buffer, 256, 0.6, gen)
-                    update_critic(batch)
-                    if i % 2 == 0:
-                        update_actor(batch)
-            steps(20)  # warm-up (and compilation)
-            t = timed(lambda: steps(args.update_steps), device, 1, warmup=0)
-            sps = args.update_steps / t
+        def steps(k):
+            for i in range(k):
+                batch, _ = mixed_batch(real, buffer, 256, 0.6, gen)
+                update_critic(batch)
+                if i % 2 == 0:
+                    update_actor(batch)
+        steps(20)  # warm-up (and compilation, graph capture)
+        return args.update_steps / timed(lambda: steps(args.update_steps), device, 1, warmup=0)
+
+    for name in variants:
+        mixes = (("real only", empty), ("mixed with D_syn", full))
+        measured = attempt(name, lambda: [(mix, steps_per_s(name, buffer)) for mix, buffer in mixes])
+        for mix, sps in measured or []:
             out[f"{name}/{mix}"] = sps
             rows.append([name, mix, f"{sps:,.0f}", f"{1000 / sps:.3f}"])
     table("TD3+BC gradient steps, batch 256 (policy delay 2)", ["variant", "batch", "steps/s", "ms per step"], rows)
