@@ -47,7 +47,7 @@ class DatasetSpec:
         if self.maze is None:
             return None
         tag = "" if (num_steps, seed) == (pointmaze.DEFAULT_STEPS, pointmaze.DEFAULT_SEED) else f"-{num_steps}steps-seed{seed}"
-        return f"local/pointmaze/{self.maze}{'-dense' if self.dense else ''}{tag}-v2"
+        return f"local/pointmaze/{self.maze}{'-dense' if self.dense else ''}{tag}-{pointmaze.RECIPE}"
 
 
 def resolve_env_id(env_id: str) -> DatasetSpec:
@@ -132,7 +132,7 @@ def _fetch(spec: DatasetSpec, offline: bool, generate: bool, num_steps: int, see
             f"({num_steps:,} steps, seed {seed}) into {datasets_root()} — later runs load it from there.",
             file=sys.stderr,
         )
-        pointmaze.generate_dataset(local_id, spec.maze, spec.dense, num_steps, seed, progress)
+        pointmaze.generate_dataset(local_id, spec.maze, spec.dense, num_steps=num_steps, seed=seed, progress=progress)
         return [local_id]
     missing = [i for i in spec.minari_ids if not _is_local(i)]
     raise FileNotFoundError(
@@ -256,9 +256,12 @@ def _flatten(dataset_ids: list[str], env_id: str) -> OfflineData:
             o = ep["observations"]
             if isinstance(o, dict):  # goal-conditioned: physical state + the goal as context
                 phys, goal = np.asarray(o["observation"]), np.asarray(o["desired_goal"])
-                # The goal a transition is scored against is the one at its start.
-                cur = np.concatenate([phys[:-1], goal[:-1]], axis=1)
-                nxt = np.concatenate([phys[1:], goal[:-1]], axis=1)
+                # A transition is scored against the goal in force during its step, which the env reports in
+                # the step's resulting observation: an episode's first observation may still carry the goal
+                # of the episode before (Minari's DataCollector starts an episode with the last one's final
+                # observation, built before the env drew the new goal).
+                cur = np.concatenate([phys[:-1], goal[1:]], axis=1)
+                nxt = np.concatenate([phys[1:], goal[1:]], axis=1)
             else:
                 phys = np.asarray(o)
                 cur, nxt = phys[:-1], phys[1:]
@@ -309,7 +312,7 @@ def _flatten(dataset_ids: list[str], env_id: str) -> OfflineData:
     )
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bumped whenever the flattening changes
 _CACHED_ARRAYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts",
                   "episode_starts", "segment_starts", "segment_ends")
 

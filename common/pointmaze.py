@@ -1,11 +1,16 @@
-"""Local generation of the D4RL PointMaze ("maze2d") datasets, the way Minari's D4RL/pointmaze-v2 was made.
+"""Local re-creation of Minari's D4RL/pointmaze-v2 datasets ("maze2d"), rule by rule, and their evaluation env.
 
-With no network the official datasets can't be downloaded, so we make them: a shortest-path waypoint
-planner over maze cells drives a PD controller, with N(0, 0.5) action noise, for 1M steps of a
-continuing task whose goal is redrawn each time it is reached. Each success truncates the Minari
-episode (physics continues), so consecutive episodes join into one physical trajectory.
-Reference scores come from 100 random and 100 expert episodes in the fixed-start, fixed-goal
-evaluation maze.
+With no network the official datasets can't be downloaded, so we make them the way Minari did, following
+its public generation scripts (Farama-Foundation/minari-dataset-generation-scripts, scripts/pointmaze/):
+
+- create_pointmaze_dataset.py: the collection loop (continuing task, a new goal at each success, which
+  truncates the Minari episode while the physics goes on), the seed, the N(0, 0.5) action noise then the
+  clip, the evaluation maps and the reference scores;
+- controller.py: the waypoint controller (PD gains, waypoint threshold, waypoint jitter);
+- maze_solver.py: the path solvers (DFS, QIteration).
+
+Each rule below names the upstream file it comes from. The data differ from the official files only by
+floating-point details of the simulator versions (see the README), not by any rule.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections import deque
 from pathlib import Path
 
 import gymnasium as gym
@@ -24,12 +28,22 @@ from tqdm import tqdm
 from common.envs import register_envs
 
 MAZES = {"umaze": "UMaze", "medium": "Medium", "large": "Large"}
-# Evaluation maze: the standard map with one reset cell R and one goal cell G, as (row, col).
-EVAL_CELLS = {"umaze": ((1, 3), (3, 3)), "medium": ((1, 1), (6, 6)), "large": ((1, 1), (7, 9))}
+# create_pointmaze_dataset.py, EVAL_ENV_MAPS: the standard map with a single goal cell G (row, col) and no
+# reset cell, so every evaluation episode starts in a random free cell.
+EVAL_GOAL_CELLS = {"umaze": (1, 1), "medium": (6, 6), "large": (7, 9)}
+# The registered max_episode_steps of PointMaze_<Maze>-v3, which the evaluation env keeps.
 EVAL_EPISODE_STEPS = {"umaze": 300, "medium": 600, "large": 800}
-ACTION_NOISE_STD = 0.5
-DEFAULT_STEPS = 1_000_000
-DEFAULT_SEED = 0
+ACTION_NOISE_STD = 0.5  # create_pointmaze_dataset.py: action += np.random.randn(2) * 0.5, then clip to [-1, 1]
+DEFAULT_STEPS = 1_000_000  # create_pointmaze_dataset.py: range(1_000_000)
+DEFAULT_SEED = 123  # create_pointmaze_dataset.py: np.random.seed(123); collector_env.reset(seed=123)
+# controller.py: WaypointController(maze) is built without a maze_solver argument, so its default applies.
+DEFAULT_SOLVER = "DFS"
+SOLVERS = ("DFS", "QIteration")
+REF_EPISODES = 100  # minari.create_dataset: num_episodes_average_score=100
+# create_pointmaze_dataset.py (the version that wrote the v2 data with Minari 0.4.3): every 200,000 steps the
+# data are saved, which truncates the open episode, and the env is reset with the seed plus one.
+CHECKPOINT_EVERY = 200_000
+RECIPE = "v3"  # version suffix of our local ids; bumped whenever the generated data change
 
 
 def gym_env_id(maze: str, dense: bool = False) -> str:
@@ -38,25 +52,25 @@ def gym_env_id(maze: str, dense: bool = False) -> str:
 
 
 def eval_maze_map(maze: str) -> list[list]:
-    """The standard map of `maze` with its single evaluation reset cell 'r' and goal cell 'g'."""
+    """The standard map of `maze` with its single evaluation goal cell 'g' (create_pointmaze_dataset.py)."""
     register_envs()
     base = gym.spec(gym_env_id(maze)).kwargs["maze_map"]
     maze_map = [[1 if c == 1 else 0 for c in row] for row in base]
-    (rr, rc), (gr, gc) = EVAL_CELLS[maze]
-    maze_map[rr][rc], maze_map[gr][gc] = "r", "g"
+    row, col = EVAL_GOAL_CELLS[maze]
+    maze_map[row][col] = "g"
     return maze_map
 
 
 def make_eval_env(maze: str, dense: bool = False) -> gym.Env:
-    """The fixed-R/G evaluation environment of `maze` (300 / 600 / 800 steps)."""
+    """Minari's evaluation env of `maze`: G-only map, continuing_task=True, reset_target=False, 300/600/800 steps.
+
+    Every reset draws the start among the free cells other than G, at least half a cell from the (noisy)
+    goal, and adds the environment's own U(-0.25, 0.25) position noise: gymnasium-robotics' reset rule.
+    """
     register_envs()
-    return gym.make(
-        gym_env_id(maze, dense),
-        maze_map=eval_maze_map(maze),
-        continuing_task=True,
-        reset_target=False,
-        max_episode_steps=EVAL_EPISODE_STEPS[maze],
-    )
+    env = gym.make(gym_env_id(maze, dense), maze_map=eval_maze_map(maze), continuing_task=True, reset_target=False)
+    assert env.spec.max_episode_steps == EVAL_EPISODE_STEPS[maze]
+    return env
 
 
 def wall_cells(maze) -> np.ndarray:
@@ -82,132 +96,215 @@ def crosses_wall(maze, xy: np.ndarray, substeps: int = 8) -> np.ndarray:
     return in_wall(maze, points).any(-1)
 
 
-class WaypointController:
-    """Expert of the maze2d datasets: follow cell centres along a shortest path, then go to the goal.
+# ----------------------------------------------------------------------------- maze solvers (maze_solver.py)
+# maze_solver.py, EXPLORATION_ACTIONS: (row, col) steps, tried in this order.
+MOVES = ((0, 1), (0, -1), (-1, 0), (1, 0))
 
-    A PD law a = clip(kp * (waypoint - pos) + kd * vel, -1, 1) tracks the current waypoint; the next
-    waypoint is taken once within `threshold` of the current one. Intermediate waypoints are the
-    cell centre minus U(0, jitter) per axis, as in D4RL's and Minari's controller.
+
+def _valid(maze_map, cell) -> bool:
+    """maze_solver.py, _check_valid_cell: inside the map's upper bounds and not a wall."""
+    return cell[0] < len(maze_map) and cell[1] < len(maze_map[0]) and maze_map[cell[0]][cell[1]] != 1
+
+
+def dfs_path(maze_map, start: tuple, goal: tuple) -> dict:
+    """maze_solver.py, DFS: depth-first search from `start`; returns {cell: next cell} along the path found.
+
+    Not a shortest path: the last neighbour pushed is explored first, and a cell is marked explored when
+    pushed. Empty when start == goal.
+    """
+    frontier, explored, parent = [start], {start}, {}
+    while frontier:
+        cell = frontier.pop()
+        if cell == goal:
+            break
+        for dr, dc in MOVES:
+            nxt = (cell[0] + dr, cell[1] + dc)
+            if _valid(maze_map, nxt) and nxt not in explored:
+                explored.add(nxt)
+                frontier.append(nxt)
+                parent[nxt] = cell
+    path, cell = {}, goal
+    while cell != start:
+        path[parent[cell]] = cell
+        cell = parent[cell]
+    return path
+
+
+def q_iteration_path(maze_map, start: tuple, goal: tuple, iterations: int = 50, discount: float = 0.99) -> dict:
+    """maze_solver.py, QIteration: 50 sweeps of Q-value iteration (reward 1 for stepping into the goal cell,
+    discount 0.99), then the greedy path (ties to the first move) from `start`; {cell: next cell}."""
+    rows, cols = len(maze_map), len(maze_map[0])
+    n = rows * cols
+    transition = np.zeros((n, len(MOVES), n))
+    reward = np.zeros((n, len(MOVES)))
+    for s in range(n):
+        r, c = divmod(s, cols)
+        for a, (dr, dc) in enumerate(MOVES):
+            nxt = (r + dr, c + dc)
+            reward[s, a] = float(nxt == goal)
+            if 0 <= nxt[0] and 0 <= nxt[1] and _valid(maze_map, nxt):
+                transition[s, a, nxt[0] * cols + nxt[1]] = 1.0
+    q = np.zeros((n, len(MOVES)))
+    for _ in range(iterations):
+        q = reward + discount * transition.dot(q.max(axis=1))
+    path, cell = {}, start
+    while True:
+        dr, dc = MOVES[int(np.argmax(q[cell[0] * cols + cell[1]]))]
+        path[cell] = (cell[0] + dr, cell[1] + dc)
+        if path[cell] == goal:
+            return path
+        cell = path[cell]
+
+
+# ----------------------------------------------------------------------------- the expert (controller.py)
+class WaypointController:
+    """controller.py, WaypointController: a PD controller that follows the solver's cells to the goal.
+
+    a = kp (target - pos) + kd vel, not clipped here (the collection loop clips after adding noise; the env
+    clips too). The plan is made again whenever the observed goal moves by more than 1e-3. The first
+    target of a plan is the exact centre of the next cell; a target is passed once within `threshold`;
+    each later intermediate target is the cell centre minus U(0, 1) * jitter per axis; the goal cell's
+    target is the goal itself, except when it is the plan's first target (then its centre, which lies
+    within the 0.45 success radius of any goal in that cell).
     """
 
-    def __init__(self, maze, rng: np.random.Generator | None = None, kp=10.0, kd=-1.0, threshold=0.1, jitter=0.2):
+    def __init__(self, maze, rng: np.random.RandomState | None = None, solver: str = DEFAULT_SOLVER,
+                 kp: float = 10.0, kd: float = -1.0, threshold: float = 0.1, jitter: float = 0.2):
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown maze solver {solver!r}; known: {', '.join(SOLVERS)}")
         self.maze, self.kp, self.kd, self.threshold, self.jitter = maze, kp, kd, threshold, jitter
-        self.rng = rng if rng is not None else np.random.default_rng(0)
-        self.open = {
-            (i, j)
-            for i, row in enumerate(maze.maze_map)
-            for j, c in enumerate(row)
-            if c != 1
-        }
-        self.goal = None
+        # The upstream script draws jitter and action noise from NumPy's global RandomState seeded with 123.
+        self.rng = rng if rng is not None else np.random.RandomState(DEFAULT_SEED)
+        self.solve = dfs_path if solver == "DFS" else q_iteration_path
+        self.goal_xy = np.full(2, np.inf)
+        self.path = None
+        self.target_cell = None
 
-    def cell(self, xy) -> tuple[int, int]:
+    def _cell(self, xy) -> tuple[int, int]:
         return tuple(int(v) for v in self.maze.cell_xy_to_rowcol(xy))
 
-    def _next_cells(self, goal_cell):
-        """Breadth-first search from the goal: for every open cell, its neighbour one step closer."""
-        nxt, queue = {goal_cell: goal_cell}, deque([goal_cell])
-        while queue:
-            c = queue.popleft()
-            for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-                n = (c[0] + di, c[1] + dj)
-                if n in self.open and n not in nxt:
-                    nxt[n] = c
-                    queue.append(n)
-        return nxt
+    def _centre(self, cell) -> np.ndarray:
+        return self.maze.cell_rowcol_to_xy(np.array(cell))
 
-    def _aim_after(self, cell):
-        """Set the waypoint to the cell after `cell` on the path (the goal itself in the goal cell)."""
-        self.waypoint_cell = self.next_cell.get(cell, self.goal_cell)
-        if self.waypoint_cell == self.goal_cell:
-            self.target = self.goal.copy()
-        else:
-            centre = self.maze.cell_rowcol_to_xy(np.array(self.waypoint_cell))
-            self.target = centre - self.rng.uniform(size=2) * self.jitter
-
-    def __call__(self, obs: dict) -> np.ndarray:
+    def compute_action(self, obs: dict) -> np.ndarray:
         pos, vel, goal = obs["achieved_goal"], obs["observation"][2:4], obs["desired_goal"]
-        if self.goal is None or np.linalg.norm(goal - self.goal) > 1e-3:  # new goal: plan again
-            self.goal, self.goal_cell = np.array(goal, dtype=np.float64), self.cell(goal)
-            self.next_cell = self._next_cells(self.goal_cell)
-            self._aim_after(self.cell(pos))
-        if self.waypoint_cell != self.goal_cell and np.linalg.norm(self.target - pos) <= self.threshold:
-            self._aim_after(self.waypoint_cell)
-        return np.clip(self.kp * (self.target - pos) + self.kd * vel, -1.0, 1.0)
+        if self.path is None or np.linalg.norm(self.goal_xy - goal) > 1e-3:  # a new goal: plan again
+            start = self._cell(pos)
+            self.goal_cell, self.goal_xy = self._cell(goal), np.array(goal, dtype=np.float64)
+            self.path = self.solve(self.maze.maze_map, start, self.goal_cell)
+            if self.path:
+                self.target_cell = self.path[start]
+                self.target_xy = self._centre(self.target_cell)  # no jitter on a plan's first target
+            else:
+                # Already in the goal cell: aim at the goal. Upstream keeps its previous target cell here
+                # (and fails on the very first action, which we let aim at the goal too).
+                if self.target_cell is None:
+                    self.target_cell = self.goal_cell
+                self.path = {self.target_cell: self.target_cell}
+                self.target_xy = self.goal_xy
+        if np.linalg.norm(self.target_xy - pos) <= self.threshold and self.target_cell != self.goal_cell:
+            self.target_cell = self.path[self.target_cell]
+            if self.target_cell == self.goal_cell:
+                self.target_xy = self.goal_xy
+            else:
+                self.target_xy = self._centre(self.target_cell) - self.rng.uniform(size=2) * self.jitter
+        return self.kp * (self.target_xy - pos) + self.kd * vel
+
+    __call__ = compute_action
 
 
-def _episode(obs_list, actions, rewards, truncated_at_end):
+# ----------------------------------------------------------------------------- collection
+def _episode(obs_list, actions, rewards):
     n = len(actions)
-    keys = obs_list[0].keys()
     return dict(
-        observations={k: np.stack([o[k] for o in obs_list]) for k in keys},
+        observations={k: np.stack([o[k] for o in obs_list]) for k in obs_list[0]},
         actions=np.asarray(actions, dtype=np.float32),
         rewards=np.asarray(rewards, dtype=np.float64),
         terminations=np.zeros(n, dtype=bool),
-        truncations=np.r_[np.zeros(n - 1, dtype=bool), [truncated_at_end]],
+        truncations=np.r_[np.zeros(n - 1, dtype=bool), [True]],
     )
 
 
-def collect(maze: str, dense: bool = False, num_steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED,
-            progress: bool = True) -> tuple[gym.Env, list[dict]]:
-    """Run the noisy expert for `num_steps` steps; return the env and the episodes (dicts of arrays).
+def reference_scores(maze: str, dense: bool = False, rng: np.random.RandomState | None = None,
+                     solver: str = DEFAULT_SOLVER, episodes: int = REF_EPISODES) -> tuple[float, float]:
+    """(ref_min, ref_max) as Minari computes them when a dataset is created with an eval env and an expert:
+    minari.utils.get_average_reference_score over `episodes` episodes of the evaluation env (reset with
+    seed 123, then unseeded) for a uniform-random policy (its action space seeded with 123) and for the
+    noise-free expert, whose waypoint jitter draws from `rng`."""
+    from minari.utils import RandomPolicy, get_average_reference_score
 
-    An episode ends with a truncation at each success; the next one starts from the same physical
-    state with the newly drawn goal, so the goal is constant within an episode.
+    env = make_eval_env(maze, dense)
+    expert = WaypointController(env.unwrapped.maze, rng, solver)
+    ref_min = get_average_reference_score(env, RandomPolicy(env), episodes)
+    ref_max = get_average_reference_score(env, expert.compute_action, episodes)
+    env.close()
+    return ref_min, ref_max
+
+
+def collect(maze: str, dense: bool = False, num_steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED,
+            solver: str = DEFAULT_SOLVER, checkpoint_every: int = CHECKPOINT_EVERY, ref_episodes: int = REF_EPISODES,
+            progress: bool = True) -> tuple[gym.Env, list[dict], tuple[float, float] | None]:
+    """Run the noisy expert for `num_steps` steps as create_pointmaze_dataset.py does.
+
+    Returns the env, the episodes (dicts of arrays, as Minari's DataCollector records them) and the
+    reference scores (None when ref_episodes is 0).
+
+    - Each success truncates the episode; the next one begins with that same observation (its
+      `desired_goal` is still the goal just reached: the env draws the new goal after building the
+      observation) and the physics goes on.
+    - Every `checkpoint_every` steps the script saves the data, which truncates the open episode, then
+      resets the env with the seed plus one (a new physical segment). The reset after the last step is
+      never saved, so it is not made here.
+    - At the first checkpoint (or at the end, if that comes first) Minari computes the reference scores.
+      The expert's jitter draws from the same random state as the collection (the script's global NumPy
+      state), so every later step depends on it, as upstream.
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown maze solver {solver!r}; known: {', '.join(SOLVERS)}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     register_envs()
+    # create_pointmaze_dataset.py: a continuing task with a new goal at each success; the time limit is the
+    # dataset's size, so it never ends an episode before the last step.
     env = gym.make(gym_env_id(maze, dense), continuing_task=True, reset_target=True, max_episode_steps=num_steps)
-    rng = np.random.default_rng(seed)
-    controller = WaypointController(env.unwrapped.maze, rng)
+    rng = np.random.RandomState(seed)  # the script's np.random.seed(seed): jitter and action noise
+    controller = WaypointController(env.unwrapped.maze, rng, solver)
     obs, _ = env.reset(seed=seed)
+    refs = None
     episodes, ep_obs, ep_act, ep_rew = [], [obs], [], []
     for t in tqdm(range(num_steps), desc=f"generating maze2d-{maze}", unit="step", disable=not progress,
                   mininterval=1.0):
-        action = np.clip(controller(obs) + rng.normal(0.0, ACTION_NOISE_STD, size=2), -1.0, 1.0)
-        obs, reward, _, _, info = env.step(action)
+        action = np.clip(controller.compute_action(obs) + rng.randn(2) * ACTION_NOISE_STD, -1.0, 1.0)
+        obs, reward, _, truncated, info = env.step(action)
+        ep_obs.append(obs)
         ep_act.append(action)
         ep_rew.append(reward)
-        ep_obs.append(obs)
-        if info["success"] or t == num_steps - 1:
-            episodes.append(_episode(ep_obs, ep_act, ep_rew, truncated_at_end=True))
-            # Same physical state, the goal the env has just drawn.
-            obs = dict(obs, desired_goal=env.unwrapped.goal.copy())
+        checkpoint = (t + 1) % checkpoint_every == 0 or t + 1 == num_steps
+        if info["success"] or truncated or checkpoint:
+            episodes.append(_episode(ep_obs, ep_act, ep_rew))
             ep_obs, ep_act, ep_rew = [obs], [], []
-    return env, episodes
-
-
-def reference_scores(maze: str, dense: bool = False, episodes: int = 100, seed: int = DEFAULT_SEED,
-                     progress: bool = True) -> tuple[float, float]:
-    """(ref_min, ref_max): mean return of a uniform-random policy and of the noise-free expert."""
-    env = make_eval_env(maze, dense)
-    rng = np.random.default_rng(seed)
-    means = []
-    for name in ("random", "expert"):
-        returns = []
-        for ep in tqdm(range(episodes), desc=f"maze2d-{maze} {name} reference", disable=not progress):
-            obs, _ = env.reset(seed=seed + ep)
-            policy = WaypointController(env.unwrapped.maze, rng) if name == "expert" else None
-            ret, done = 0.0, False
-            while not done:
-                action = policy(obs) if policy else rng.uniform(-1.0, 1.0, size=2)
-                obs, r, term, trunc, _ = env.step(action)
-                ret += r
-                done = term or trunc
-            returns.append(ret)
-        means.append(float(np.mean(returns)))
-    env.close()
-    return means[0], means[1]
+        if checkpoint and refs is None and ref_episodes > 0:
+            if progress:
+                tqdm.write(f"[dydiff] reference scores: {ref_episodes} random and {ref_episodes} expert episodes "
+                           "of the evaluation env")
+            refs = reference_scores(maze, dense, rng, solver, ref_episodes)
+        if checkpoint and t + 1 < num_steps:
+            seed += 1
+            obs, _ = env.reset(seed=seed)
+            ep_obs = [obs]
+    return env, episodes, refs
 
 
 def generate_dataset(dataset_id: str, maze: str, dense: bool = False, num_steps: int = DEFAULT_STEPS,
-                     seed: int = DEFAULT_SEED, progress: bool = True):
-    """Collect, score and store a PointMaze dataset as a Minari dataset under `dataset_id`."""
+                     seed: int = DEFAULT_SEED, solver: str = DEFAULT_SOLVER, checkpoint_every: int = CHECKPOINT_EVERY,
+                     progress: bool = True):
+    """Collect and store a PointMaze dataset as a Minari dataset under `dataset_id` (see `collect`)."""
     import minari
     from minari.data_collector import EpisodeBuffer
     from minari.storage import get_dataset_path
 
-    env, episodes = collect(maze, dense, num_steps, seed, progress)
-    ref_min, ref_max = reference_scores(maze, dense, seed=seed, progress=progress)
+    env, episodes, (ref_min, ref_max) = collect(maze, dense, num_steps, seed, solver, checkpoint_every,
+                                                REF_EPISODES, progress)
     buffers = [EpisodeBuffer(id=i, infos={}, **ep) for i, ep in enumerate(episodes)]
     eval_env = make_eval_env(maze, dense)
     # Write into a hidden folder of the store (Minari skips those), then move it into place in one
@@ -224,12 +321,14 @@ def generate_dataset(dataset_id: str, maze: str, dense: bool = False, num_steps:
                 buffer=buffers,
                 env=env.spec,
                 eval_env=eval_env.spec,
-                algorithm_name="shortest-path waypoints + PD controller + N(0, 0.5) action noise",
                 ref_min_score=ref_min,
                 ref_max_score=ref_max,
+                num_episodes_average_score=REF_EPISODES,
+                algorithm_name=f"{solver} waypoints + PD controller + N(0, {ACTION_NOISE_STD}) action noise",
                 description=(
-                    f"Local re-creation of D4RL/pointmaze/{maze}{'-dense' if dense else ''}-v2: {num_steps} steps, "
-                    f"seed {seed}, continuing task with a new goal after each success (truncation)."
+                    f"Local re-creation of D4RL/pointmaze/{maze}{'-dense' if dense else ''}-v2 with Minari's "
+                    f"generation rules: {num_steps} steps, seed {seed}, {solver} solver, continuing task with a "
+                    f"new goal after each success (truncation), a reset every {checkpoint_every} steps."
                 ),
                 data_format="hdf5",
             )

@@ -17,8 +17,8 @@ def test_maze2d_names_map_to_pointmaze_v2():
     spec = resolve_env_id("maze2d-large")
     assert spec.minari_ids == ("D4RL/pointmaze/large-v2",)
     assert spec.maze == "large" and not spec.dense
-    assert spec.local_id() == "local/pointmaze/large-v2"
-    assert spec.local_id(20_000, 3) == "local/pointmaze/large-20000steps-seed3-v2"
+    assert spec.local_id() == "local/pointmaze/large-v3"
+    assert spec.local_id(20_000, 3) == "local/pointmaze/large-20000steps-seed3-v3"
     dense = resolve_env_id("maze2d-umaze-dense")
     assert dense.minari_ids == ("D4RL/pointmaze/umaze-dense-v2",) and dense.dense
 
@@ -95,7 +95,7 @@ def _episodes(data):
 
 
 def test_generated_pointmaze_is_a_minari_dataset(umaze):
-    local_id = "local/pointmaze/umaze-10000steps-seed0-v2"
+    local_id = "local/pointmaze/umaze-10000steps-seed0-v3"
     assert umaze.dataset_ids == (local_id,)
     ds = minari.load_dataset(local_id)
     assert ds.total_steps == STEPS == umaze.size
@@ -104,9 +104,9 @@ def test_generated_pointmaze_is_a_minari_dataset(umaze):
 
 
 def test_generation_is_deterministic_for_a_seed():
-    _, a = pointmaze.collect("umaze", num_steps=1500, seed=7, progress=False)
-    _, b = pointmaze.collect("umaze", num_steps=1500, seed=7, progress=False)
-    _, c = pointmaze.collect("umaze", num_steps=1500, seed=8, progress=False)
+    _, a, _ = pointmaze.collect("umaze", num_steps=1500, seed=7, ref_episodes=0, progress=False)
+    _, b, _ = pointmaze.collect("umaze", num_steps=1500, seed=7, ref_episodes=0, progress=False)
+    _, c, _ = pointmaze.collect("umaze", num_steps=1500, seed=8, ref_episodes=0, progress=False)
     assert len(a) == len(b)
     for ea, eb in zip(a, b):
         np.testing.assert_array_equal(ea["actions"], eb["actions"])
@@ -147,15 +147,37 @@ def test_pointmaze_observation_layout(umaze):
 
 def test_reference_scores_and_evaluation_env(umaze):
     assert 0 <= umaze.ref_min_score < umaze.ref_max_score <= 300
+    ds = minari.load_dataset(umaze.dataset_ids[0])
+    assert ds.storage.metadata["num_episodes_average_score"] == 100
     env = umaze.make_eval_env()
     assert env.spec.max_episode_steps == 300
     assert env.spec.kwargs["reset_target"] is False and env.spec.kwargs["continuing_task"] is True
     maze_map = env.spec.kwargs["maze_map"]
-    assert maze_map[1][3] == "r" and maze_map[3][3] == "g"
-    obs, _ = env.reset(seed=0)
-    start_cell = env.unwrapped.maze.cell_xy_to_rowcol(obs["achieved_goal"])
-    goal_cell = env.unwrapped.maze.cell_xy_to_rowcol(obs["desired_goal"])
-    assert tuple(start_cell) == (1, 3) and tuple(goal_cell) == (3, 3)
+    assert maze_map[1][1] == "g" and sum(row.count("g") for row in maze_map) == 1
+    assert not any("r" in row for row in maze_map)  # no reset cell: every start is drawn at random
+
+
+@pytest.mark.parametrize("maze", ["umaze", "medium", "large"])
+def test_evaluation_starts_vary_over_the_free_cells_outside_the_goal_radius(maze):
+    env = pointmaze.make_eval_env(maze)
+    assert env.spec.max_episode_steps == pointmaze.EVAL_EPISODE_STEPS[maze]
+    grid = env.unwrapped.maze
+    goal_cell = pointmaze.EVAL_GOAL_CELLS[maze]
+    free = {(i, j) for i, row in enumerate(grid.maze_map) for j, c in enumerate(row) if c != 1}
+    starts, offsets = set(), []
+    for seed in range(600):
+        obs, _ = env.reset(seed=seed)
+        assert tuple(grid.cell_xy_to_rowcol(obs["desired_goal"])) == goal_cell
+        assert np.linalg.norm(obs["achieved_goal"] - obs["desired_goal"]) > 0.45  # never starts at the goal
+        cell = tuple(int(v) for v in grid.cell_xy_to_rowcol(obs["achieved_goal"]))
+        starts.add(cell)
+        offsets.append(obs["achieved_goal"] - grid.cell_rowcol_to_xy(np.array(cell)))
+    assert starts == free - {goal_cell}
+    offsets = np.array(offsets)  # the environment's own U(-0.25, 0.25) position noise
+    assert np.abs(offsets).max() <= 0.25 and offsets.std() > 0.1
+    a, _ = env.reset(seed=5)
+    b, _ = env.reset(seed=5)
+    np.testing.assert_array_equal(a["observation"], b["observation"])  # seeded episodes repeat
 
 
 def test_reloading_reuses_the_stored_dataset(umaze):
