@@ -26,7 +26,8 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from common.checkpoints import atomic_save, load_dm, load_dynamics, load_reward, models_folder
+from common.checkpoints import (atomic_save, load_checkpoint, load_dm, load_dynamics, load_reward, models_folder,
+                                rng_state, set_rng_state)
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import condition_mask, edm_sampler
 from common.envs import evaluate, termination_fn
@@ -479,11 +480,10 @@ if __name__ == "__main__":
                (actor_optimizer, "actor_optimizer"), (alpha_optimizer, "alpha_optimizer"),
                (alpha_prime_optimizer, "alpha_prime_optimizer"), (synthetic, "synthetic"))
     if run_dir is not None:
-        ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
+        ckpt = load_checkpoint(run_dir / "checkpoint.pt")
         for module, key in modules:
             module.load_state_dict(ckpt[key])
-        gen.set_state(ckpt["generator"].cpu())
-        torch.set_rng_state(ckpt["torch_rng"])
+        set_rng_state(ckpt["rng"], gen)
         start_step, evaluations = ckpt["step"], ckpt["evaluations"]
         run_name = run_dir.name
         print(f"resuming {run_dir} at step {start_step:,}")
@@ -644,8 +644,8 @@ if __name__ == "__main__":
             evaluations.append(float(scores_eval.mean()))
             log({"eval/normalized_score": float(scores_eval.mean()), "eval/normalized_score_std": float(scores_eval.std())}, step)
             print(f"step {step:,}: normalized score {scores_eval.mean():.1f} ± {scores_eval.std():.1f}")
-            atomic_save(dict(**{key: module.state_dict() for module, key in modules}, generator=gen.get_state(),
-                             torch_rng=torch.get_rng_state(), step=step, evaluations=evaluations), run_dir / "checkpoint.pt")
+            atomic_save(dict(**{key: module.state_dict() for module, key in modules}, rng=rng_state(gen), step=step,
+                             evaluations=evaluations), run_dir / "checkpoint.pt")
 
     final = float(np.mean(evaluations[-5:])) if evaluations else float("nan")
     result = dict(env_id=args.env_id, seed=args.seed, dydiff=args.dydiff, num_iterations=args.num_iterations,

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from common.checkpoints import atomic_save, load_dm, load_dynamics, load_reward, models_folder
+from common.checkpoints import (atomic_save, load_checkpoint, load_dm, load_dynamics, load_reward, models_folder,
+                                rng_state, set_rng_state)
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import condition_mask, edm_sampler
 from common.envs import evaluate, termination_fn
@@ -476,13 +477,12 @@ if __name__ == "__main__":
 
     start_step, evaluations = 0, []
     if run_dir is not None:
-        ckpt = torch.load(run_dir / "checkpoint.pt", map_location=device, weights_only=False)
+        ckpt = load_checkpoint(run_dir / "checkpoint.pt")
         for module, key in ((actor, "actor"), (qf1, "qf1"), (qf2, "qf2"), (actor_target, "actor_target"),
                             (qf1_target, "qf1_target"), (qf2_target, "qf2_target"), (q_optimizer, "q_optimizer"),
                             (actor_optimizer, "actor_optimizer"), (synthetic, "synthetic")):
             module.load_state_dict(ckpt[key])
-        gen.set_state(ckpt["generator"].cpu())
-        torch.set_rng_state(ckpt["torch_rng"])
+        set_rng_state(ckpt["rng"], gen)
         start_step, evaluations = ckpt["step"], ckpt["evaluations"]
         run_name = run_dir.name
         print(f"resuming {run_dir} at step {start_step:,}")
@@ -588,7 +588,7 @@ if __name__ == "__main__":
                              actor_target=actor_target.state_dict(), qf1_target=qf1_target.state_dict(),
                              qf2_target=qf2_target.state_dict(), q_optimizer=q_optimizer.state_dict(),
                              actor_optimizer=actor_optimizer.state_dict(), synthetic=synthetic.state_dict(),
-                             generator=gen.get_state(), torch_rng=torch.get_rng_state(), step=step,
+                             rng=rng_state(gen), step=step,
                              evaluations=evaluations), run_dir / "checkpoint.pt")
 
     final = float(np.mean(evaluations[-5:])) if evaluations else float("nan")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 
 MODEL_FILES = {"dm": "dm.pt", "dynamics": "dynamics.pt", "reward": "reward.pt"}
@@ -18,6 +20,40 @@ def atomic_save(obj, path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    """torch.load a checkpoint onto the CPU, whatever device the run uses.
+
+    Modules and optimizers copy what they load onto their own device (load_state_dict), and random
+    states must stay on the CPU (torch.set_rng_state and Generator.set_state take CPU byte tensors), so
+    one loading path serves every device.
+    """
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rng_state(*generators: torch.Generator) -> dict:
+    """Every random state a run draws from: Python, NumPy, torch's CPU and CUDA generators, and `generators`."""
+    return dict(
+        python=random.getstate(),
+        numpy=np.random.get_state(),
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        generators=[g.get_state() for g in generators],
+    )
+
+
+def set_rng_state(state: dict, *generators: torch.Generator) -> None:
+    """Restore what rng_state saved, on whatever device each tensor was loaded to (each goes back to the CPU)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if len(state["generators"]) != len(generators):
+        raise ValueError(f"the checkpoint holds {len(state['generators'])} generator states, this run has {len(generators)}")
+    for g, s in zip(generators, state["generators"]):
+        g.set_state(s.cpu())
 
 
 def models_folder(models_dir: str, env_id: str) -> Path:

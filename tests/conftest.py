@@ -1,4 +1,8 @@
-"""Every test runs offline against a private, temporary Minari store."""
+"""Every test runs offline against a private, temporary Minari store.
+
+`pytest --device cuda` runs the script-level tests on the GPU (the GPU acceptance run); the default,
+`--device cpu`, is what CI runs. Tests that need CUDA run whenever a GPU is visible.
+"""
 
 import os
 import tempfile
@@ -7,3 +11,20 @@ import tempfile
 os.environ["MINARI_DATASETS_PATH"] = tempfile.mkdtemp(prefix="dydiff-test-minari-")
 os.environ["DYDIFF_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="device of the script-level tests: cpu (default, CI) or cuda (the GPU acceptance run)")
+
+
+def pytest_configure(config):
+    device = config.getoption("--device")
+    if device == "cuda":
+        import pytest
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--device cuda: torch sees no CUDA device here; run without --device on a CPU machine")
+    # Read by tests/script_runs.py, which the test modules import after this hook.
+    os.environ["DYDIFF_TEST_DEVICE"] = device

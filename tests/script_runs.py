@@ -11,10 +11,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+DEVICE = os.environ.get("DYDIFF_TEST_DEVICE", "cpu")  # set by `pytest --device` (conftest.py)
+DEVICE_FLAG = "--cuda" if DEVICE == "cuda" else "--no-cuda"
 PRETRAIN = ("--dm-dim 8 --dm-dim-mults 1 2 --dm-steps 20 --dm-batch-size 16 --dyn-hidden 32 --dyn-max-steps 40 "
-            "--reward-steps 40 --report-windows 4 --report-iterations 1 --sampler-steps 4 --holdout-fraction 0.1")
+            f"--reward-steps 40 --report-windows 4 --report-iterations 1 --sampler-steps 4 --holdout-fraction 0.1 "
+            f"{DEVICE_FLAG}")
 TINY = ["--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--eval-episodes", "1", "--rollout-freq", "50",
-        "--rollout-batch-size", "32", "--rollout-length", "16", "--sampler-steps", "4", "--no-cuda",
+        "--rollout-batch-size", "32", "--rollout-length", "16", "--sampler-steps", "4", DEVICE_FLAG,
         f"--pretrain-args={PRETRAIN}"]
 
 
@@ -56,3 +59,37 @@ def models_for_other_data(models, dest):
         ckpt["fingerprint"], ckpt["dataset_ids"] = "0123456789abcdef", ["local/pointmaze/umaze-other-v2"]
         torch.save(ckpt, dest / "maze2d-umaze" / f)
     return dest
+
+
+# Installed with PYTHONPATH in a resumed run: torch.load with any map_location but "cpu" hands back every
+# byte tensor (random states) as another tensor type, as loading them onto a GPU does. Resuming must still
+# continue the run exactly: random states have to be loaded onto the CPU.
+_MOVED_TENSORS_HOOK = """
+import torch
+_load = torch.load
+
+def _load_elsewhere(*args, map_location=None, **kwargs):
+    obj = _load(*args, map_location="cpu", **kwargs)
+    if map_location == "cpu":
+        return obj
+
+    def moved(x):
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+            return x.to(torch.int16)
+        if isinstance(x, dict):
+            return {k: moved(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(moved(v) for v in x)
+        return x
+
+    return moved(obj)
+
+torch.load = _load_elsewhere
+"""
+
+
+def moved_tensors_env(folder):
+    """Environment for run_script whose torch.load moves tensors unless told map_location="cpu"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_MOVED_TENSORS_HOOK)
+    return {"PYTHONPATH": os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])}

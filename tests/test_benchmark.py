@@ -5,12 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from script_runs import DEVICE_FLAG
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_reports_every_section(tmp_path):
     out_file = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "tests" / "benchmark.py"), "--size", "small", "--no-cuda", "--no-compile",
+    cmd = [sys.executable, str(ROOT / "tests" / "benchmark.py"), "--size", "small", DEVICE_FLAG, "--no-compile",
            "--bf16", "on", "--dm-dim", "8", "--dm-dim-mults", "1", "2", "--rollout-batch-size", "16", "--rollout-length", "12",
            "--sampler-steps", "3", "--repeats", "1", "--dm-train-steps", "10", "--json-out", str(out_file),
            "--sections", "forward", "sampler", "rollout", "update", "projection"]
