@@ -4,8 +4,10 @@
 1. the EDM trajectory denoiser D_theta over windows [B, L, S+A] (Eq. 2-4), with an EMA copy;
 2. the single-step dynamics ensemble T_phi (Eq. 5): 7 members, 5 elites;
 3. the reward model r_psi(s, a) (Eq. 10).
-Then the model report: held-out losses and state error versus horizon of the ensemble's
-autoregressive rollout and of DM samples after M = 1, 2, 3 refinement iterations.
+Then the model report: held-out losses; state error versus horizon of the ensemble's autoregressive
+rollout, of DM samples after M = 1, 2, 3 refinement iterations and of copying s_0; and the one-step
+validity of the DM's generated transitions against the real simulator, by position in the window.
+`--report-only` measures the models already in a folder.
 """
 
 import json
@@ -21,11 +23,12 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from common.checkpoints import MODEL_FILES, atomic_save, load_dm, load_dynamics, load_reward, models_folder
+from common.checkpoints import (MODEL_FILES, atomic_save, load_checkpoint, load_dm, load_dynamics, load_model_file,
+                                load_reward, models_folder, rng_state, set_rng_state)
 from common.datasets import OFFLINE_ENV_VAR, gather_windows, load_dataset, segment_windows
 from common.dynamics import EnsembleDynamics, RewardModel
 from common.edm import EMA, EDMPrecond, MinMaxNormalizer, TemporalUnet, condition_mask, edm_loss, edm_sampler
-from common.envs import replay_actions
+from common.envs import replay_actions, step_from
 from common.pointmaze import crosses_wall
 
 
@@ -109,6 +112,8 @@ class Args:
     """reward-model batch size"""
 
     # Model report
+    report_only: bool = False
+    """measure the models already in {models_dir}/{env_id} (made by an earlier run) and rewrite their report"""
     report_windows: int = 128
     """start states (and dataset windows) used by the model report"""
     report_iterations: int = 3
@@ -180,8 +185,8 @@ def train_dm(args, data, train_segs, device, folder, log):
     ckpt_path = folder / "dm_train.pt"
     config = dict(horizon=L, dim=args.dm_dim, dim_mults=list(args.dm_dim_mults), sigma_data=args.sigma_data)
     if args.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if (ckpt["fingerprint"], ckpt["config"]) != (data.fingerprint, config):
+        ckpt = load_checkpoint(ckpt_path)
+        if (ckpt["fingerprint"], ckpt["config"], "rng" in ckpt) != (data.fingerprint, config, True):
             print(f"{ckpt_path} is for other data or another DM configuration: training the DM from scratch")
         else:
             denoiser.load_state_dict(ckpt["model"])
@@ -189,7 +194,7 @@ def train_dm(args, data, train_segs, device, folder, log):
             opt.load_state_dict(ckpt["opt"])
             for group in opt.param_groups:  # this command's --dm-lr, not the saved one
                 group["lr"] = args.dm_lr
-            gen.set_state(ckpt["generator"].cpu())
+            set_rng_state(ckpt["rng"], gen)
             step = ckpt["step"]
             print(f"resuming DM training at step {step:,} from {ckpt_path}")
     n_params = sum(p.numel() for p in denoiser.parameters())
@@ -219,7 +224,7 @@ def train_dm(args, data, train_segs, device, folder, log):
             log({"losses/dm": loss_val, "charts/dm_steps_per_s": (step + 1) / max(time.time() - t0, 1e-9)}, step)
         if checkpoint:
             atomic_save(dict(model=denoiser.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                             generator=gen.get_state(), step=step + 1, fingerprint=data.fingerprint, config=config),
+                             rng=rng_state(gen), step=step + 1, fingerprint=data.fingerprint, config=config),
                         ckpt_path)
     atomic_save(dict(model_meta(args, data, steps=args.dm_steps, **config),
                      state_dict=ema.module.state_dict(), normalizer=normalizer.state_dict()), folder / MODEL_FILES["dm"])
@@ -283,14 +288,33 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
         ens.append(dynamics.predict(ens[-1], acts[:, t], generator=gen))
     ens = torch.stack(ens, 1)
     dm = sample_states(denoiser, normalizer, true_states[:, 0], acts, args, gen)
-    curves = {"dataset/ensemble": state_error(ens.cpu(), true_states.cpu()), "dataset/dm": state_error(dm.cpu(), true_states.cpu())}
+    copy_s0 = true_states[:, :1].expand_as(true_states)  # the baseline that predicts no motion at all
+    curves = {"dataset/ensemble": state_error(ens.cpu(), true_states.cpu()), "dataset/dm": state_error(dm.cpu(), true_states.cpu()),
+              "dataset/copy_s0": state_error(copy_s0.cpu(), true_states.cpu())}
+    env = data.make_eval_env()
+
+    def one_step(states, actions):
+        """One-step validity of the transitions (s_t, a_t, s_t+1) of generated windows, by position t: the squared
+        error [L-1] against the real simulator stepped once from s_t with a_t, of the generated s_t+1, of
+        copying s_t, and of the ensemble's one-step prediction from the same s_t."""
+        W = states.shape[0]
+        s_t, a_t = states[:, :-1].reshape(-1, S), actions[:, :-1].reshape(-1, A)
+        real = torch.as_tensor(step_from(env, data.task, s_t.cpu().numpy(), a_t.cpu().numpy()), dtype=s_t.dtype,
+                               device=device)
+
+        def err(pred):
+            return ((pred - real) ** 2).sum(-1).reshape(W, L - 1).mean(0).cpu().numpy()
+
+        return {"generated": err(states[:, 1:].reshape(-1, S)), "copy": err(s_t),
+                "ensemble": err(dynamics.predict(s_t, a_t, generator=gen))}
+
+    validity = {"dataset/dm": one_step(dm, acts)}
 
     # (b) A non-behaviour policy, replayed in the real simulator (paper Fig. 4 and 7).
     context = torch.as_tensor(data.observations[h_starts[pick], S:], device=device)
     obs_mean, obs_std = data.observations.mean(0), data.observations.std(0) + 1e-6
     policy = RandomPolicy(obs_mean, obs_std, A, seed=args.seed).to(device)
     s0 = true_states[:, 0]
-    env = data.make_eval_env()
 
     def replay(actions):
         return np.stack([replay_actions(env, data.task, s.cpu().numpy(), a.cpu().numpy()) for s, a in zip(s0, actions)])
@@ -298,12 +322,15 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     ens_states, ens_actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
     real_states = replay(ens_actions)
     curves["policy/ensemble"] = state_error(ens_states.cpu(), real_states)
+    curves["policy/copy_s0"] = state_error(np.repeat(s0.cpu().numpy()[:, None], L, axis=1), real_states)
     trajectories = {"dataset/ensemble": ens.cpu().numpy(), "dataset/dm": dm.cpu().numpy(),
                     "policy/real": real_states, "policy/ensemble": ens_states.cpu().numpy()}
     actions = ens_actions
     for k in range(1, args.report_iterations + 1):
         states_k = sample_states(denoiser, normalizer, s0, actions, args, gen)
         curves[f"policy/dm_M{k}"] = state_error(states_k.cpu(), replay(actions))
+        if k == 1:
+            validity["policy/dm_M1"] = one_step(states_k, actions)
         obs_k = torch.cat([states_k, context[:, None].expand(-1, L, -1)], dim=-1)
         actions = policy(obs_k.reshape(-1, data.obs_dim)).reshape(-1, L, A)  # relabel: a_t = pi(s_t)
         trajectories[f"policy/dm_M{k}"] = states_k.cpu().numpy()
@@ -315,6 +342,10 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     report["state_error_vs_horizon"] = {k: v.tolist() for k, v in curves.items()}
     report[f"state_error_at_{L - 1}"] = {k: float(v[-1]) for k, v in curves.items()}
     report["state_error_mean"] = {k: float(v.mean()) for k, v in curves.items()}
+    report["one_step_error_vs_position"] = {k: {kind: e.tolist() for kind, e in v.items()} for k, v in validity.items()}
+    positions = {"first": 0, "second": 1, "middle": (L - 1) // 2, "last": L - 2}
+    report["one_step_error"] = {k: {kind: {p: float(e[min(t, L - 2)]) for p, t in positions.items()} for kind, e in v.items()}
+                                for k, v in validity.items()}
     with open(folder / ".report.json.tmp", "w") as f:
         json.dump(report, f, indent=1)
     os.replace(folder / ".report.json.tmp", folder / "report.json")
@@ -389,14 +420,25 @@ if __name__ == "__main__":
     def finished(name):
         """A model file for this very dataset (and, for the DM, these many steps) exists and we resume: keep it."""
         path = folder / MODEL_FILES[name]
+        if args.report_only:
+            return True
         if not (args.resume and path.exists()):
             return False
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path)
         return ckpt["fingerprint"] == data.fingerprint and (name != "dm" or ckpt["steps"] == args.dm_steps)
 
     train_segs, held_segs, n_train = split_segments(data, args.holdout_fraction)
     S = data.state_dim
     timings = {}
+    if args.report_only:  # measure the models as they are, whatever command made them
+        try:
+            dm_info = {name: load_model_file(folder, name, data.fingerprint) for name in MODEL_FILES}["dm"]
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(str(e))
+        args.horizon, args.dm_dim, args.dm_dim_mults, args.dm_steps = (
+            dm_info["horizon"], dm_info["dim"], tuple(dm_info["dim_mults"]), dm_info["steps"])
+        args.holdout_fraction = dm_info["args"]["holdout_fraction"]
+        train_segs, held_segs, n_train = split_segments(data, args.holdout_fraction)
 
     # 1. Dynamics ensemble on the training part (its own random split decides early stopping and elites)
     t0 = time.time()
@@ -446,6 +488,11 @@ if __name__ == "__main__":
     timings["report_s"] = time.time() - t0
     print(json.dumps({k: report[k] for k in ("dm_heldout_loss", "reward_heldout_mse", "dynamics_heldout_mse_per_member",
                                              f"state_error_at_{args.horizon - 1}")}, indent=1))
+    print("one-step error of generated transitions vs the real simulator, by position in the window "
+          "(generated / copy s_t / ensemble):")
+    for name, kinds in report["one_step_error"].items():
+        print(f"  {name}: " + ", ".join(f"{p} {kinds['generated'][p]:.4g} / {kinds['copy'][p]:.4g} / "
+                                        f"{kinds['ensemble'][p]:.4g}" for p in kinds["generated"]))
     print(f"timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
     print(f"models, report.json and report.png in {folder}")
     if wandb_run is not None:

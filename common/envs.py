@@ -105,6 +105,16 @@ def replay_actions(env: gym.Env, task: str, s0, actions) -> np.ndarray:
     return np.stack(states)
 
 
+def step_from(env: gym.Env, task: str, states, actions) -> np.ndarray:
+    """The real simulator's next state from each (state, action) pair: [N, S] from [N, S] and [N, A]."""
+    env.reset(seed=0)
+    out = []
+    for s, a in zip(np.asarray(states, dtype=np.float64), np.asarray(actions)):
+        set_physical_state(env, task, s)
+        out.append(physical_part(env.unwrapped.step(np.asarray(a, dtype=np.float32))[0]))
+    return np.stack(out) if out else np.zeros((0, np.asarray(states).shape[-1]))
+
+
 def normalized_score(returns, ref_min: float, ref_max: float):
     """D4RL normalized score: 100 * (R - ref_min) / (ref_max - ref_min)."""
     return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min) / (ref_max - ref_min)

@@ -13,13 +13,14 @@ import torch
 
 from common.checkpoints import load_dm, load_model_file, models_folder
 from common.datasets import load_dataset
+from script_runs import DEVICE_FLAG
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--horizon", "16", "--holdout-fraction", "0.1",
     "--dm-dim", "8", "--dm-dim-mults", "1", "2", "--dm-steps", "30", "--dm-batch-size", "16",
     "--dm-checkpoint-every", "10", "--dyn-hidden", "32", "--dyn-max-steps", "60", "--reward-steps", "60",
-    "--report-windows", "4", "--report-iterations", "2", "--sampler-steps", "4", "--no-cuda",
+    "--report-windows", "4", "--report-iterations", "2", "--sampler-steps", "4", DEVICE_FLAG,
 ]
 
 
@@ -73,12 +74,48 @@ def test_report_has_losses_and_error_curves(pretrained):
     assert report["dm"]["params"] == sum(p.numel() for p in denoiser.parameters()) > 0
     assert (report["dm"]["dim"], tuple(report["dm"]["dim_mults"])) == (info["dim"], tuple(info["dim_mults"]))
     curves = report["state_error_vs_horizon"]
-    assert set(curves) == {"dataset/ensemble", "dataset/dm", "policy/ensemble", "policy/dm_M1", "policy/dm_M2"}
+    assert set(curves) == {"dataset/ensemble", "dataset/dm", "dataset/copy_s0", "policy/ensemble", "policy/copy_s0",
+                           "policy/dm_M1", "policy/dm_M2"}
     for name, err in curves.items():
         assert len(err) == 16 and err[0] == pytest.approx(0.0, abs=1e-10), name  # s0 is given, never generated
         assert all(np.isfinite(err))
+    # Copying s0 is exact at t = 0 and then wrong by however far the point has moved.
+    assert curves["dataset/copy_s0"][15] > curves["dataset/copy_s0"][1] > 0
+    by_position = report["one_step_error_vs_position"]
+    assert set(by_position) == set(report["one_step_error"]) == {"dataset/dm", "policy/dm_M1"}
+    for name, kinds in by_position.items():
+        assert set(kinds) == {"generated", "copy", "ensemble"}
+        for kind, err in kinds.items():
+            assert len(err) == 15 and all(np.isfinite(err)) and min(err) >= 0, (name, kind)
+            at = report["one_step_error"][name][kind]
+            assert [at["first"], at["second"], at["middle"], at["last"]] == [err[0], err[1], err[7], err[14]]
     assert (folder / "report.png").stat().st_size > 1000
-    assert "state_error_at_15" in out.stdout
+    assert "state_error_at_15" in out.stdout and "one-step error of generated transitions" in out.stdout
+
+
+def test_one_step_of_the_simulator_reproduces_the_dataset():
+    from common.envs import step_from
+
+    data = load_dataset("maze2d-umaze", num_steps=10_000, progress=False)
+    idx = np.array([0, 17, 4000, 9998])
+    real = step_from(data.make_eval_env(), "pointmaze", data.observations[idx, :4], data.actions[idx])
+    np.testing.assert_allclose(real, data.next_observations[idx, :4], atol=1e-5)
+
+
+def test_report_only_measures_the_models_of_a_folder(pretrained, tmp_path):
+    models_dir, _ = pretrained
+    folder = models_folder(str(models_dir), "maze2d-umaze")
+    before = {n: (folder / n).stat().st_mtime_ns for n in ("dm.pt", "dynamics.pt", "reward.pt")}
+    # Other sizes on the command line: the models' own horizon and U-Net size are used.
+    out = run("--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--models-dir", str(models_dir), "--report-only",
+              "--report-windows", "4", "--report-iterations", "1", "--sampler-steps", "4", DEVICE_FLAG)
+    assert {n: (folder / n).stat().st_mtime_ns for n in before} == before  # nothing retrained
+    report = json.loads((folder / "report.json").read_text())
+    assert report["horizon"] == 16 and report["dm"]["dim"] == 8 and "state_error_at_15" in out.stdout
+    assert len(report["one_step_error_vs_position"]["dataset/dm"]["generated"]) == 15
+    out = run("--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--models-dir", str(tmp_path), "--report-only",
+              check=False)
+    assert out.returncode != 0 and "no pretrained dm model" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_rerun_keeps_finished_models_and_resumes_the_dm(pretrained):
@@ -114,3 +151,18 @@ def test_a_diverging_dm_stops_with_one_message_and_keeps_its_last_checkpoint(pre
     kept = torch.load(folder / "dm_train.pt", weights_only=False)
     assert kept["step"] == good["step"] and all(torch.equal(kept["model"][k], v) for k, v in good["model"].items())
     assert not (folder / "dm.pt").exists()
+
+
+def test_a_resumed_dm_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    from script_runs import moved_tensors_env
+
+    cut, whole = tmp_path / "cut", tmp_path / "whole"
+    run(*TINY, "--models-dir", str(cut), "--dm-steps", "20")
+    # Resumed with a torch.load that moves tensors unless asked for the CPU, as loading onto a GPU does.
+    out = run(*TINY, "--models-dir", str(cut), "--dm-steps", "30", env=moved_tensors_env(tmp_path / "hook"))
+    assert "resuming DM training at step 20" in out.stdout
+    run(*TINY, "--models-dir", str(whole), "--dm-steps", "30")
+    a, b = (torch.load(models_folder(str(d), "maze2d-umaze") / "dm.pt", weights_only=False) for d in (cut, whole))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), f"{name} differs after resuming"
