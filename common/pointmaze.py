@@ -9,8 +9,10 @@ its public generation scripts (Farama-Foundation/minari-dataset-generation-scrip
 - controller.py: the waypoint controller (PD gains, waypoint threshold, waypoint jitter);
 - maze_solver.py: the path solvers (DFS, QIteration).
 
-Each rule below names the upstream file it comes from. The data differ from the official files only by
-floating-point details of the simulator versions (see the README), not by any rule.
+Each rule below names the upstream file it comes from. The script pinned gymnasium-robotics 1.2.4 and
+MuJoCo < 3; we pin gymnasium-robotics 1.4.2, whose maze and point-mass code (maze_v4.py, point_maze.py,
+point.py, point.xml, maps.py) is the same apart from comments and a temporary file name, and MuJoCo 4,
+which can change floating-point details. So the data follow the same rules, not the same bits.
 """
 
 from __future__ import annotations
