@@ -31,17 +31,17 @@ def models(tmp_path_factory):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_killed_run_resumes_to_the_uninterrupted_numbers(script, models, tmp_path):
     runs = tmp_path / "runs"
-    args = [*TINY, "--models-dir", str(models), "--runs-dir", str(runs), "--total-steps", "800", "--eval-freq", "100"]
+    args = [*TINY, "--models-dir", str(models), "--runs-dir", str(runs), "--total-steps", "400", "--eval-freq", "100"]
     run_script(script, *args, "--exp-name", "whole")
     whole = next(runs.glob("*whole__*"))
     cut = kill_after_first_checkpoint(script, [*args, "--exp-name", "cut"], runs, "cut")
     ckpt = load_checkpoint(cut / "checkpoint.pt")
-    assert 0 < ckpt["step"] < 800, "the run was killed before it finished"
+    assert 0 < ckpt["step"] < 400, "the run was killed before it finished"
     assert {"python", "numpy", "torch", "cuda", "generators"} <= set(ckpt["rng"])
     out = run_script(script, "--resume", str(cut), env=moved_tensors_env(tmp_path / "hook"))
     assert f"resuming {cut} at step {ckpt['step']:,}" in out.stdout
     a, b = (json.loads((r / "result.json").read_text()) for r in (whole, cut))
-    assert b["evaluations"] == a["evaluations"] and len(a["evaluations"]) == 8
+    assert b["evaluations"] == a["evaluations"] and len(a["evaluations"]) == 4
     pa, pb = (torch.load(r / "final_policy.pt", weights_only=False) for r in (whole, cut))
     for key in ("actor", "ema_actor"):
         if key in pa:
