@@ -427,18 +427,19 @@ if __name__ == "__main__":
         ckpt = load_checkpoint(path)
         return ckpt["fingerprint"] == data.fingerprint and (name != "dm" or ckpt["steps"] == args.dm_steps)
 
-    train_segs, held_segs, n_train = split_segments(data, args.holdout_fraction)
-    S = data.state_dim
-    timings = {}
     if args.report_only:  # measure the models as they are, whatever command made them
         try:
-            dm_info = {name: load_model_file(folder, name, data.fingerprint) for name in MODEL_FILES}["dm"]
+            dm_info = load_model_file(folder, "dm", data.fingerprint)
+            for name in ("dynamics", "reward"):
+                load_model_file(folder, name, data.fingerprint)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(str(e))
         args.horizon, args.dm_dim, args.dm_dim_mults, args.dm_steps = (
             dm_info["horizon"], dm_info["dim"], tuple(dm_info["dim_mults"]), dm_info["steps"])
         args.holdout_fraction = dm_info["args"]["holdout_fraction"]
-        train_segs, held_segs, n_train = split_segments(data, args.holdout_fraction)
+    train_segs, held_segs, n_train = split_segments(data, args.holdout_fraction)
+    S = data.state_dim
+    timings = {}
 
     # 1. Dynamics ensemble on the training part (its own random split decides early stopping and elites)
     t0 = time.time()
