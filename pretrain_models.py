@@ -27,7 +27,7 @@ from common.checkpoints import (MODEL_FILES, atomic_save, load_checkpoint, load_
                                 load_reward, models_folder, rng_state, set_rng_state)
 from common.datasets import OFFLINE_ENV_VAR, gather_windows, load_dataset, segment_windows
 from common.dynamics import EnsembleDynamics, RewardModel
-from common.edm import EMA, EDMPrecond, MinMaxNormalizer, TemporalUnet, condition_mask, edm_loss, edm_sampler
+from common.edm import EMA, MinMaxNormalizer, build_denoiser, condition_mask, edm_loss, edm_sampler
 from common.envs import replay_actions, step_from
 from common.pointmaze import crosses_wall
 
@@ -78,6 +78,12 @@ class Args:
     """DM batch size (windows)"""
     dm_lr: float = 2e-4
     """DM learning rate (Adam)"""
+    dm_full_res_skip: bool = False
+    """feed the U-Net's finest-level features to its output block (paper: no, Diffuser's layout)"""
+    dm_padding: str = "zeros"
+    """how the U-Net pads the time axis: zeros (paper) or replicate (the edge rows)"""
+    dm_cond_channels: bool = False
+    """give the U-Net the clean s_0 (on every row) and actions as extra input channels (paper: no)"""
     dm_ema_decay: float = 0.999
     """decay of the EMA copy of the DM weights"""
     sigma_data: float = 0.5
@@ -163,6 +169,12 @@ def model_meta(args, data, **extra):
     )
 
 
+def dm_config(args) -> dict:
+    """The DM's shape, as saved in dm.pt and dm_train.pt: what must match to keep or resume a DM."""
+    return dict(horizon=args.horizon, dim=args.dm_dim, dim_mults=list(args.dm_dim_mults), sigma_data=args.sigma_data,
+                full_res_skip=args.dm_full_res_skip, padding_mode=args.dm_padding, cond_channels=args.dm_cond_channels)
+
+
 def train_dm(args, data, train_segs, device, folder, log):
     """Train the EDM denoiser on training windows; resumable from {folder}/dm_train.pt."""
     S, A, L = data.state_dim, data.action_dim, args.horizon
@@ -174,8 +186,8 @@ def train_dm(args, data, train_segs, device, folder, log):
     normalizer = MinMaxNormalizer.from_data(
         np.concatenate([data.observations[:n_train, :S], data.actions[:n_train]], axis=1)
     ).to(device)
-    net = TemporalUnet(S + A, dim=args.dm_dim, dim_mults=args.dm_dim_mults)
-    denoiser = EDMPrecond(net, sigma_data=args.sigma_data).to(device)
+    config = dm_config(args)
+    denoiser = build_denoiser(S, A, **{k: v for k, v in config.items() if k != "horizon"}).to(device)
     ema = EMA(denoiser, decay=args.dm_ema_decay)
     opt = torch.optim.Adam(denoiser.parameters(), lr=args.dm_lr)
     cond_mask = condition_mask(L, S, A, device=device)
@@ -183,7 +195,6 @@ def train_dm(args, data, train_segs, device, folder, log):
     dm_bf16 = args.dm_bf16 and device.type == "cuda"
     step = 0
     ckpt_path = folder / "dm_train.pt"
-    config = dict(horizon=L, dim=args.dm_dim, dim_mults=list(args.dm_dim_mults), sigma_data=args.sigma_data)
     if args.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         if (ckpt["fingerprint"], ckpt["config"], "rng" in ckpt) != (data.fingerprint, config, True):
@@ -198,7 +209,9 @@ def train_dm(args, data, train_segs, device, folder, log):
             step = ckpt["step"]
             print(f"resuming DM training at step {step:,} from {ckpt_path}")
     n_params = sum(p.numel() for p in denoiser.parameters())
-    print(f"DM: temporal U-Net dim {args.dm_dim}, mults {args.dm_dim_mults}, {n_params / 1e6:.2f}M parameters; "
+    print(f"DM: temporal U-Net dim {args.dm_dim}, mults {args.dm_dim_mults}, full-resolution skip "
+          f"{args.dm_full_res_skip}, {args.dm_padding} padding, condition channels {args.dm_cond_channels}, "
+          f"{n_params / 1e6:.2f}M parameters; "
           f"{len(starts):,} training windows of L={L}")
     t0, loss_avg = time.time(), None
     bar = tqdm(range(step, args.dm_steps), initial=step, total=args.dm_steps, desc="DM", mininterval=2.0)
@@ -257,6 +270,8 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     n0 = int(held_segs[0].min())
     report = {"env_id": args.env_id, "fingerprint": data.fingerprint, "horizon": L, "heldout_transitions": data.size - n0,
               "dm": {"dim": args.dm_dim, "dim_mults": list(args.dm_dim_mults), "steps": args.dm_steps,
+                     "full_res_skip": args.dm_full_res_skip, "padding_mode": args.dm_padding,
+                     "cond_channels": args.dm_cond_channels,
                      "params": sum(p.numel() for p in denoiser.parameters())}}
 
     # Held-out losses
@@ -418,14 +433,19 @@ if __name__ == "__main__":
             wandb_run.log(metrics, step=step)
 
     def finished(name):
-        """A model file for this very dataset (and, for the DM, these many steps) exists and we resume: keep it."""
+        """A model file for this very dataset (and, for the DM, this shape and these many steps) exists and we resume:
+        keep it."""
         path = folder / MODEL_FILES[name]
         if args.report_only:
             return True
         if not (args.resume and path.exists()):
             return False
         ckpt = load_checkpoint(path)
-        return ckpt["fingerprint"] == data.fingerprint and (name != "dm" or ckpt["steps"] == args.dm_steps)
+        if name == "dm":
+            saved = dict(dm_config(args), **{k: ckpt[k] for k in dm_config(args) if k in ckpt})  # old files: paper net
+            if saved != dm_config(args) or ckpt["steps"] != args.dm_steps:
+                return False
+        return ckpt["fingerprint"] == data.fingerprint
 
     if args.report_only:  # measure the models as they are, whatever command made them
         try:
@@ -437,6 +457,8 @@ if __name__ == "__main__":
         args.horizon, args.dm_dim, args.dm_dim_mults, args.dm_steps = (
             dm_info["horizon"], dm_info["dim"], tuple(dm_info["dim_mults"]), dm_info["steps"])
         args.holdout_fraction = dm_info["args"]["holdout_fraction"]
+        args.dm_full_res_skip, args.dm_padding, args.dm_cond_channels = (
+            dm_info.get("full_res_skip", False), dm_info.get("padding_mode", "zeros"), dm_info.get("cond_channels", False))
     train_segs, held_segs, n_train = split_segments(data, args.holdout_fraction)
     S = data.state_dim
     timings = {}

@@ -81,11 +81,14 @@ def load_model_file(folder, name: str, fingerprint: str | None = None, map_locat
 
 def load_dm(folder, fingerprint: str | None = None, device="cpu"):
     """The pretrained DM (EMA weights, eval mode) and its min/max normalizer, from {folder}/dm.pt."""
-    from common.edm import EDMPrecond, MinMaxNormalizer, TemporalUnet
+    from common.edm import MinMaxNormalizer, build_denoiser
 
     ckpt = load_model_file(folder, "dm", fingerprint)
     C = ckpt["state_dim"] + ckpt["action_dim"]
-    denoiser = EDMPrecond(TemporalUnet(C, dim=ckpt["dim"], dim_mults=tuple(ckpt["dim_mults"])), sigma_data=ckpt["sigma_data"])
+    # Files written before the network options existed hold the paper's network: the options' defaults.
+    options = {k: ckpt[k] for k in ("full_res_skip", "padding_mode", "cond_channels") if k in ckpt}
+    denoiser = build_denoiser(ckpt["state_dim"], ckpt["action_dim"], dim=ckpt["dim"], dim_mults=tuple(ckpt["dim_mults"]),
+                              sigma_data=ckpt["sigma_data"], **options)
     denoiser.load_state_dict(ckpt["state_dict"])
     normalizer = MinMaxNormalizer(torch.zeros(C), torch.ones(C))
     normalizer.load_state_dict(ckpt["normalizer"])

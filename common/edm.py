@@ -100,9 +100,10 @@ class SinusoidalEmbedding(nn.Module):
 class Conv1dBlock(nn.Sequential):
     """Conv1d (same length) -> GroupNorm(8) -> Mish, on [B, channels, L]."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5, n_groups: int = 8):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5, n_groups: int = 8,
+                 padding_mode: str = "zeros"):
         super().__init__(
-            nn.Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
+            nn.Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, padding_mode=padding_mode),
             nn.GroupNorm(n_groups, out_channels),
             nn.Mish(),
         )
@@ -111,10 +112,11 @@ class Conv1dBlock(nn.Sequential):
 class ResidualTemporalBlock(nn.Module):
     """Two Conv1dBlocks with the noise embedding added between them, plus a residual connection."""
 
-    def __init__(self, in_channels: int, out_channels: int, embed_dim: int, kernel_size: int = 5):
+    def __init__(self, in_channels: int, out_channels: int, embed_dim: int, kernel_size: int = 5,
+                 padding_mode: str = "zeros"):
         super().__init__()
-        self.block1 = Conv1dBlock(in_channels, out_channels, kernel_size)
-        self.block2 = Conv1dBlock(out_channels, out_channels, kernel_size)
+        self.block1 = Conv1dBlock(in_channels, out_channels, kernel_size, padding_mode=padding_mode)
+        self.block2 = Conv1dBlock(out_channels, out_channels, kernel_size, padding_mode=padding_mode)
         self.embed_mlp = nn.Sequential(nn.Mish(), nn.Linear(embed_dim, out_channels))
         # A 1x1 conv only where the channel count changes, so the residual can be added.
         self.residual = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -126,14 +128,27 @@ class ResidualTemporalBlock(nn.Module):
 
 
 class TemporalUnet(nn.Module):
-    """Diffuser's temporal U-Net F(x, noise): [B, L, C], [B] -> [B, L, C]; convolutions run over time."""
+    """Diffuser's temporal U-Net F(x, noise): [B, L, C_in], [B] -> [B, L, C]; convolutions run over time.
 
-    def __init__(self, transition_dim: int, dim: int = 128, dim_mults: tuple[int, ...] = (1, 4, 8)):
-        """transition_dim: C = S + A; dim: base width; dim_mults: width of each resolution level."""
+    The defaults are the paper's network (Diffuser's layout). Two options change how the window's
+    edges are modelled: `full_res_skip` also feeds the finest level's features (which see every row
+    at full resolution, s_0 included) to the output block, and `padding_mode="replicate"` pads the
+    time axis with the edge rows instead of zeros.
+    """
+
+    def __init__(self, transition_dim: int, dim: int = 128, dim_mults: tuple[int, ...] = (1, 4, 8),
+                 in_channels: int | None = None, full_res_skip: bool = False, padding_mode: str = "zeros"):
+        """transition_dim: C = S + A, the output width; dim: base width; dim_mults: width of each resolution
+        level; in_channels: input width (default C; more when conditions come as extra channels)."""
         super().__init__()
-        dims = [transition_dim, *(dim * m for m in dim_mults)]
+        if padding_mode not in ("zeros", "replicate"):
+            raise ValueError(f"padding_mode must be 'zeros' or 'replicate', got {padding_mode!r}")
+        dims = [in_channels or transition_dim, *(dim * m for m in dim_mults)]
         in_out = list(zip(dims[:-1], dims[1:]))
         self.num_downsamples = len(dim_mults) - 1
+        self.full_res_skip = full_res_skip
+        self.padding_mode = padding_mode
+        block = lambda d_in, d_out: ResidualTemporalBlock(d_in, d_out, dim, padding_mode=padding_mode)  # noqa: E731
 
         self.noise_mlp = nn.Sequential(
             SinusoidalEmbedding(dim), nn.Linear(dim, dim * 4), nn.Mish(), nn.Linear(dim * 4, dim)
@@ -143,33 +158,35 @@ class TemporalUnet(nn.Module):
         for level, (d_in, d_out) in enumerate(in_out):
             is_last = level == len(in_out) - 1
             self.downs.append(nn.ModuleList([
-                ResidualTemporalBlock(d_in, d_out, dim),
-                ResidualTemporalBlock(d_out, d_out, dim),
-                nn.Conv1d(d_out, d_out, 3, stride=2, padding=1) if not is_last else nn.Identity(),  # Downsample1d
+                block(d_in, d_out),
+                block(d_out, d_out),
+                nn.Conv1d(d_out, d_out, 3, stride=2, padding=1, padding_mode=padding_mode)  # Downsample1d
+                if not is_last else nn.Identity(),
             ]))
 
-        self.mid1 = ResidualTemporalBlock(dims[-1], dims[-1], dim)
-        self.mid2 = ResidualTemporalBlock(dims[-1], dims[-1], dim)
+        self.mid1 = block(dims[-1], dims[-1])
+        self.mid2 = block(dims[-1], dims[-1])
 
         # As in Diffuser, the up path has one level fewer than the down path (in_out[1:]): it undoes the
-        # len(dim_mults) - 1 downsamplings and ends at width `dim`; the finest skip is left unused.
+        # len(dim_mults) - 1 downsamplings and ends at width `dim`; the finest skip is used only with full_res_skip.
         self.ups = nn.ModuleList()
         for d_in, d_out in reversed(in_out[1:]):
             self.ups.append(nn.ModuleList([
-                ResidualTemporalBlock(d_out * 2, d_in, dim),
-                ResidualTemporalBlock(d_in, d_in, dim),
+                block(d_out * 2, d_in),
+                block(d_in, d_in),
                 nn.ConvTranspose1d(d_in, d_in, 4, stride=2, padding=1),  # Upsample1d
             ]))
 
-        self.final = nn.Sequential(Conv1dBlock(dim, dim), nn.Conv1d(dim, transition_dim, 1))
+        final_in = dim * 2 if full_res_skip else dim
+        self.final = nn.Sequential(Conv1dBlock(final_in, dim, padding_mode=padding_mode), nn.Conv1d(dim, transition_dim, 1))
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x [B, L, C], noise [B] (EDM's c_noise) -> [B, L, C]."""
+        """x [B, L, C_in], noise [B] (EDM's c_noise) -> [B, L, C]."""
         L = x.shape[1]
         # Each downsampling halves the time axis: pad it to a multiple of 2**num_downsamples, crop at the end.
         multiple = 2 ** self.num_downsamples
         pad = (-L) % multiple
-        h = F.pad(x.transpose(1, 2), (0, pad))  # [B, C, L + pad]
+        h = F.pad(x.transpose(1, 2), (0, pad), mode="constant" if self.padding_mode == "zeros" else "replicate")
         emb = self.noise_mlp(noise.reshape(-1).to(x.dtype).expand(x.shape[0]))
 
         skips = []
@@ -184,6 +201,8 @@ class TemporalUnet(nn.Module):
             h = torch.cat([h, skips.pop()], dim=1)
             h = upsample(block2(block1(h, emb), emb))
 
+        if self.full_res_skip:
+            h = torch.cat([h, skips.pop()], dim=1)
         return self.final(h)[:, :, :L].transpose(1, 2)
 
 
@@ -193,13 +212,22 @@ class TemporalUnet(nn.Module):
 
 
 class EDMPrecond(nn.Module):
-    """EDM denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) around a network F(x, noise)."""
+    """EDM denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) around a network F(x, noise).
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5):
-        """net: F(x [B, L, C], noise [B]) -> [B, L, C]; sigma_data: std of the (normalized) data."""
+    With `cond_channels=(S, A)`, F also receives the conditions at their own scale as S + A extra input
+    channels on every row: s_0 (repeated) and that row's action. Without them (the paper's network) the
+    conditions reach F only through c_in x, scaled down with the noise level like everything else
+    (c_in = 0.012 at sigma = 80). The conditions are read from x, which always holds them clean
+    (hard replacement, in training and in sampling).
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, cond_channels: tuple[int, int] | None = None):
+        """net: F(x [B, L, C(+S+A)], noise [B]) -> [B, L, C]; sigma_data: std of the (normalized) data;
+        cond_channels: (S, A) to give F the clean s_0 and actions as extra channels, None for the paper's F."""
         super().__init__()
         self.net = net
         self.sigma_data = sigma_data
+        self.cond_channels = tuple(cond_channels) if cond_channels else None
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """D(x; sigma) for x [B, L, C] and sigma a float or a tensor broadcastable to [B]."""
@@ -209,7 +237,22 @@ class EDMPrecond(nn.Module):
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()  # c_out = sigma * sigma_data / sqrt(sigma^2 + sigma_data^2)
         c_in = 1 / (sigma**2 + sd**2).sqrt()  # c_in = 1 / sqrt(sigma^2 + sigma_data^2)
         c_noise = sigma.log().reshape(-1) / 4  # c_noise = ln(sigma) / 4
-        return c_skip * x + c_out * self.net(c_in * x, c_noise)
+        net_in = c_in * x
+        if self.cond_channels:
+            S, A = self.cond_channels
+            s0 = x[:, :1, :S].expand(-1, x.shape[1], -1)
+            net_in = torch.cat([net_in, s0, x[:, :, S:S + A]], dim=-1)
+        return c_skip * x + c_out * self.net(net_in, c_noise)
+
+
+def build_denoiser(state_dim: int, action_dim: int, dim: int = 128, dim_mults: tuple[int, ...] = (1, 4, 8),
+                   sigma_data: float = 0.5, full_res_skip: bool = False, padding_mode: str = "zeros",
+                   cond_channels: bool = False) -> EDMPrecond:
+    """The DM's denoiser: an EDMPrecond around a TemporalUnet. The defaults are the paper's network."""
+    C = state_dim + action_dim
+    net = TemporalUnet(C, dim=dim, dim_mults=tuple(dim_mults), in_channels=2 * C if cond_channels else C,
+                       full_res_skip=full_res_skip, padding_mode=padding_mode)
+    return EDMPrecond(net, sigma_data=sigma_data, cond_channels=(state_dim, action_dim) if cond_channels else None)
 
 
 def edm_loss(denoiser, x0: torch.Tensor, cond_mask: torch.Tensor, P_mean: float = -1.2, P_std: float = 1.2,

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from common import edm
-from common.edm import EMA, EDMPrecond, MinMaxNormalizer, TemporalUnet, condition_mask, edm_loss, edm_sampler
+from common.edm import (EMA, Conv1dBlock, EDMPrecond, MinMaxNormalizer, TemporalUnet, build_denoiser, condition_mask,
+                        edm_loss, edm_sampler)
 
 SIGMA_DATA = 0.5
 
@@ -522,6 +523,83 @@ def test_unet_gradient_flows_to_input_and_parameters():
     assert x.grad is not None and x.grad.abs().sum() > 0
     for name, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("full_res_skip", [False, True])
+@pytest.mark.parametrize("padding_mode", ["zeros", "replicate"])
+@pytest.mark.parametrize("L", [100, 37, 1])
+def test_unet_options_keep_the_output_shape(full_res_skip, padding_mode, L):
+    net = TemporalUnet(6, dim=8, dim_mults=(1, 2, 4), in_channels=9, full_res_skip=full_res_skip, padding_mode=padding_mode)
+    out = net(torch.randn(2, L, 9), torch.randn(2))
+    assert out.shape == (2, L, 6) and torch.isfinite(out).all()
+
+
+def test_full_res_skip_feeds_the_finest_features_to_the_output_block():
+    """The only change is the output block's input: the finest level's `dim` channels beside the up path's."""
+    C, dim = 5, 16
+    count = lambda **kw: sum(p.numel() for p in TemporalUnet(C, dim=dim, dim_mults=(1, 2), **kw).parameters())
+    assert count(full_res_skip=True) - count() == dim * dim * 5  # Conv1d(2 dim -> dim, k=5) instead of (dim -> dim)
+    # The output block's input ends with the finest level's features, row for row.
+    net = TemporalUnet(C, dim=dim, dim_mults=(1, 2), full_res_skip=True)
+    seen = {}
+    net.downs[0][1].register_forward_hook(lambda m, i, o: seen.setdefault("finest", o))
+    net.final.register_forward_hook(lambda m, i, o: seen.setdefault("final_in", i[0]))
+    net(torch.randn(2, 16, C), torch.randn(2))
+    assert seen["final_in"].shape == (2, 2 * dim, 16)
+    torch.testing.assert_close(seen["final_in"][:, dim:], seen["finest"])
+    with pytest.raises(ValueError, match="padding_mode"):
+        TemporalUnet(C, dim=dim, padding_mode="reflect")
+
+
+def test_replicate_padding_invents_no_edges():
+    """A signal constant in time stays constant through a replicate-padded conv block; zero padding bends its ends."""
+    x = torch.randn(3, 4, 1).expand(3, 4, 20)  # [B, channels, L], the same at every time step
+    for mode, flat in (("replicate", True), ("zeros", False)):
+        torch.manual_seed(0)
+        out = Conv1dBlock(4, 8, padding_mode=mode)(x)
+        assert torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-5) == flat, mode
+
+
+def test_cond_channels_give_the_network_the_clean_conditions_at_every_noise_level():
+    """cond_channels: F sees s_0 on every row and each row's action, unscaled, beside c_in x."""
+    S, A, L = 3, 2, 7
+
+    class FirstChannels(ConstNet):  # records its input, returns zeros of the window's width
+        def forward(self, x, noise):
+            return super().forward(x, noise)[..., :S + A]
+
+    net = FirstChannels(0.0)
+    D = EDMPrecond(net, sigma_data=SIGMA_DATA, cond_channels=(S, A))
+    x = torch.randn(2, L, S + A, dtype=torch.float64)
+    for sigma in (80.0, 1.0, 0.002):
+        D(x, sigma)
+        seen, _ = net.calls[-1]
+        c_in = 1 / math.sqrt(sigma**2 + SIGMA_DATA**2)
+        assert seen.shape == (2, L, 2 * (S + A))
+        torch.testing.assert_close(seen[..., :S + A], c_in * x)
+        torch.testing.assert_close(seen[..., S + A:S + A + S], x[:, :1, :S].expand(2, L, S))
+        torch.testing.assert_close(seen[..., S + A + S:], x[..., S:])
+    # The paper's network sees only c_in x.
+    plain = ConstNet(0.0)
+    EDMPrecond(plain, sigma_data=SIGMA_DATA)(x, 80.0)
+    assert plain.calls[-1][0].shape == x.shape
+
+
+@pytest.mark.parametrize("options", [{}, dict(full_res_skip=True, padding_mode="replicate", cond_channels=True)])
+def test_build_denoiser_saves_and_loads_through_load_dm(tmp_path, options):
+    """dm.pt records the network options; load_dm rebuilds the same network (old files: the paper's network)."""
+    from common.checkpoints import atomic_save, load_dm
+
+    S, A = 4, 2
+    torch.manual_seed(0)
+    d = build_denoiser(S, A, dim=8, dim_mults=(1, 2), **options)
+    meta = dict(fingerprint="f", dataset_ids=["x"], state_dim=S, action_dim=A, horizon=16, dim=8, dim_mults=[1, 2],
+                sigma_data=0.5, state_dict=d.state_dict(), normalizer=MinMaxNormalizer(torch.zeros(6), torch.ones(6)).state_dict())
+    atomic_save(dict(meta, **options), tmp_path / "dm.pt")  # a file without the keys is one written before them
+    loaded, _, _ = load_dm(tmp_path, "f")
+    x = torch.randn(2, 16, S + A)
+    torch.testing.assert_close(loaded(x, torch.ones(2)), d.eval()(x, torch.ones(2)))
+    assert (loaded.cond_channels is not None) == bool(options) == loaded.net.full_res_skip
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -129,6 +129,21 @@ def test_rerun_keeps_finished_models_and_resumes_the_dm(pretrained):
     assert torch.load(folder / "dm_train.pt", weights_only=False)["step"] == 40
 
 
+def test_another_dm_shape_is_trained_afresh_and_recorded(pretrained, tmp_path):
+    models_dir, _ = pretrained
+    src, folder = models_folder(str(models_dir), "maze2d-umaze"), models_folder(str(tmp_path), "maze2d-umaze")
+    shutil.copytree(src, folder)
+    out = run(*TINY, "--models-dir", str(tmp_path), "--dm-full-res-skip", "--dm-padding", "replicate",
+              "--dm-cond-channels", "--report-iterations", "1")
+    assert "dynamics ensemble: already trained, kept" in out.stdout
+    assert "another DM configuration: training the DM from scratch" in out.stdout
+    info = load_model_file(folder, "dm")
+    assert (info["full_res_skip"], info["padding_mode"], info["cond_channels"]) == (True, "replicate", True)
+    report = json.loads((folder / "report.json").read_text())
+    assert (report["dm"]["full_res_skip"], report["dm"]["padding_mode"], report["dm"]["cond_channels"]) == (
+        True, "replicate", True)
+
+
 def test_bad_inputs_end_in_one_clear_message(tmp_path):
     out = run("--env-id", "maze2d-huge", "--models-dir", str(tmp_path), check=False)
     assert out.returncode != 0 and "unknown --env-id 'maze2d-huge'" in out.stderr
