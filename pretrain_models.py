@@ -126,6 +126,8 @@ class Args:
     """M: DM <-> policy refinement iterations measured by the report"""
     sampler_steps: int = 34
     """N: EDM sampler steps (paper Table 3)"""
+    sampler_churn: float = 60.0
+    """S_churn: EDM's stochasticity (paper Table 3: 60; 0 makes the sampler deterministic)"""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -244,14 +246,17 @@ def train_dm(args, data, train_segs, device, folder, log):
     return ema.module.eval(), normalizer
 
 
-def sample_states(denoiser, normalizer, s0, actions, args, gen):
-    """DM states s_0..s_{L-1} given s0 [B, S] and actions [B, L, A] (raw units), by Algorithm 2."""
+def sample_states(denoiser, normalizer, s0, actions, args, gen, num_steps=None, churn=None):
+    """DM states s_0..s_{L-1} given s0 [B, S] and actions [B, L, A] (raw units), by Algorithm 2, with N steps and
+    S_churn from args unless given."""
     B, L, A = actions.shape
     S = s0.shape[1]
     cond = torch.cat([s0[:, None, :].expand(B, L, S), actions], dim=-1)
     mask = condition_mask(L, S, A, device=s0.device)
     with torch.autocast(s0.device.type, dtype=torch.bfloat16, enabled=args.dm_bf16 and s0.device.type == "cuda"):
-        x = edm_sampler(denoiser, normalizer.normalize(cond), mask, num_steps=args.sampler_steps, generator=gen)
+        x = edm_sampler(denoiser, normalizer.normalize(cond), mask, generator=gen,
+                        num_steps=args.sampler_steps if num_steps is None else num_steps,
+                        S_churn=args.sampler_churn if churn is None else churn)
     states = normalizer.unnormalize(x)[..., :S]
     return torch.cat([s0[:, None], states[:, 1:]], dim=1)  # s0 exactly, not its normalize round trip
 
@@ -272,6 +277,7 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
               "dm": {"dim": args.dm_dim, "dim_mults": list(args.dm_dim_mults), "steps": args.dm_steps,
                      "full_res_skip": args.dm_full_res_skip, "padding_mode": args.dm_padding,
                      "cond_channels": args.dm_cond_channels,
+                     "sampler_steps": args.sampler_steps, "sampler_churn": args.sampler_churn,
                      "params": sum(p.numel() for p in denoiser.parameters())}}
 
     # Held-out losses
