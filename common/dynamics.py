@@ -76,9 +76,14 @@ class EnsembleLinear(nn.Module):
         std = 1.0 / (2.0 * math.sqrt(in_features))
         nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[E, B, in] -> [E, B, out]: bias + x @ weight for every member at once."""
-        return torch.baddbmm(self.bias, x, self.weight)
+    def forward(self, x: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """[E, B, in] -> [E, B, out]: bias + x @ weight for every member at once.
+
+        With `members` (K indices), only those members: [K, B, in] -> [K, B, out].
+        """
+        if members is None:
+            return torch.baddbmm(self.bias, x, self.weight)
+        return torch.baddbmm(self.bias[members], x, self.weight[members])
 
     def extra_repr(self) -> str:
         """Sizes shown by print(model)."""
@@ -118,21 +123,27 @@ class EnsembleDynamics(nn.Module):
 
     # ---------------------------------------------------------------- forward / prediction
 
-    def _forward_normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z-scored inputs [E, B, S+A] -> z-scored Δs mean and bounded log-variance, each [E, B, S]."""
+    def _forward_normalized(self, x: torch.Tensor,
+                            members: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """z-scored inputs [E, B, S+A] -> z-scored Δs mean and bounded log-variance, each [E, B, S].
+
+        With `members` (K indices), only those members are computed: [K, B, S+A] -> [K, B, S] each.
+        """
         for layer in self.hidden_layers:
-            x = F.silu(layer(x))
-        mean, logvar = self.output_layer(x).chunk(2, dim=-1)
+            x = F.silu(layer(x, members))
+        mean, logvar = self.output_layer(x, members).chunk(2, dim=-1)
+        max_logvar, min_logvar = ((self.max_logvar, self.min_logvar) if members is None
+                                  else (self.max_logvar[members], self.min_logvar[members]))
         # Soft clamp (MBPO): smooth, so the bounds themselves receive gradients and can tighten.
-        logvar = self.max_logvar - F.softplus(self.max_logvar - logvar)
-        logvar = self.min_logvar + F.softplus(logvar - self.min_logvar)
+        logvar = max_logvar - F.softplus(max_logvar - logvar)
+        logvar = min_logvar + F.softplus(logvar - min_logvar)
         return mean, logvar
 
-    def _normalize_inputs(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """z-score concat(s, a); [B, ...] inputs are shared by all members -> [E, B, S+A]."""
+    def _normalize_inputs(self, states: torch.Tensor, actions: torch.Tensor, copies: int | None = None) -> torch.Tensor:
+        """z-score concat(s, a); [B, ...] inputs are shared by all members (or `copies` of them) -> [E, B, S+A]."""
         x = (torch.cat([states, actions], dim=-1) - self.input_mean) / self.input_std
         if x.dim() == 2:
-            x = x.unsqueeze(0).expand(self.num_members, -1, -1)
+            x = x.unsqueeze(0).expand(copies or self.num_members, -1, -1)
         return x
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,13 +160,13 @@ class EnsembleDynamics(nn.Module):
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Raw next states [B, S]; each row from a uniformly random elite, mean + std * noise unless deterministic."""
         states, actions = _as_tensor(states, self.device), _as_tensor(actions, self.device)
-        mean, logvar = self(states, actions)  # one batched pass for all members
+        # One batched pass over the elites only: non-elite members are never computed.
+        mean, logvar = self._forward_normalized(self._normalize_inputs(states, actions, self.num_elites), self.elites)
         rows = torch.arange(len(states), device=self.device)
-        member = self.elites[_randint(self.num_elites, len(states), self.device, generator)]
-        # Pick the member per row *before* using its outputs, so non-elite outputs never enter the result.
-        delta = mean[member, rows]
+        elite = _randint(self.num_elites, len(states), self.device, generator)  # position in self.elites, per row
+        delta = mean[elite, rows]
         if not deterministic:
-            delta = delta + (0.5 * logvar[member, rows]).exp() * _randn(delta.shape, self.device, generator)
+            delta = delta + (0.5 * logvar[elite, rows]).exp() * _randn(delta.shape, self.device, generator)
         return states + self._delta_to_raw(delta)
 
     @torch.no_grad()

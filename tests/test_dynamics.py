@@ -206,6 +206,49 @@ def test_predict_noise_is_reproducible_with_a_generator(fitted):
     assert torch.equal(p1, p2) and not torch.allclose(p1, p3)
 
 
+def full_forward_predict(model, s, a, deterministic, generator):
+    """The reference for predict: every member computed, then one elite picked per row (same draws, same order)."""
+    s, a = t(s), t(a)
+    mean, logvar = model(s, a)  # [E, B, S]
+    rows = torch.arange(len(s))
+    member = model.elites[torch.randint(model.num_elites, (len(s),), generator=generator)]
+    delta = mean[member, rows]
+    if not deterministic:
+        delta = delta + (0.5 * logvar[member, rows]).exp() * torch.randn(delta.shape, generator=generator)
+    return s + delta * model.delta_std + model.delta_mean
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_predict_computes_the_elites_only_and_equals_the_full_forward_pick(fitted, deterministic):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, system, _ = fitted
+    model = copy.deepcopy(model)
+    model.elites.copy_(torch.tensor([1, 3, 4]))  # not the first members: a slip to "the first K" would show
+    with torch.no_grad():  # members that differ clearly, so a wrong pick cannot pass for float rounding
+        for k in range(E):
+            model.output_layer.bias[k, :, :S] += k
+    s, a, _, _ = system.sample(500)
+    expected = full_forward_predict(model, s, a, deterministic, torch.Generator().manual_seed(9))
+    got = model.predict(s, a, deterministic=deterministic, generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(got, expected)
+    # Non-elite members never enter: NaN in every one of their parameters leaves the output as it was.
+    non_elites = [0, 2]
+    with torch.no_grad():
+        for p in model.parameters():
+            p[non_elites] = float("nan")
+    got = model.predict(s, a, deterministic=deterministic, generator=torch.Generator().manual_seed(9))
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected)
+    # ... and they are not even computed: the matmuls cost ELITES / E of a full forward.
+    with FlopCounterMode(display=False) as full:
+        model(t(s), t(a))
+    with FlopCounterMode(display=False) as elites_only:
+        model.predict(s, a, deterministic=deterministic)
+    assert full.get_total_flops() > 0
+    assert elites_only.get_total_flops() == full.get_total_flops() * ELITES // E
+
+
 # ------------------------------------------------------------------ rollouts
 
 
