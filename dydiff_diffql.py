@@ -48,7 +48,7 @@ from common.checkpoints import (atomic_save, load_checkpoint, load_dm, load_dyna
                                 rng_state, set_rng_state)
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import condition_mask, edm_sampler
-from common.envs import evaluate, termination_fn
+from common.envs import evaluate, numpy_policy, termination_fn
 from common.pointmaze import crosses_wall, wall_cells
 
 
@@ -320,6 +320,16 @@ def pick_by_q(q, generator=None):
     return torch.multinomial(F.softmax(q, dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def select_actions(actor, critic, obs, samples, generator=None):
+    """Diffusion-QL's evaluation policy on states [n, obs_dim]: `samples` actions per state, one drawn by pick_by_q
+    over min(Q1, Q2) of that state's candidates; [n, A]."""
+    n = len(obs)
+    o = obs.repeat_interleave(samples, dim=0)  # the `samples` copies of each state side by side
+    actions = actor.sample(o, generator=generator)
+    idx = pick_by_q(critic.q_min(o, actions).view(n, samples), generator)
+    return actions.view(n, samples, -1)[torch.arange(n, device=obs.device), idx]
+
+
 class SyntheticBuffer:
     """FIFO ring buffer of synthetic transitions, preallocated on the device; add() never waits on the device."""
 
@@ -470,8 +480,8 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e))
     S, A, obs_dim = data.state_dim, data.action_dim, data.obs_dim
-    eval_env = data.make_eval_env()
-    max_action = float(eval_env.action_space.high[0])
+    eval_envs = data.make_eval_envs(args.eval_episodes)
+    max_action = float(eval_envs.single_action_space.high[0])
     obs_mean = torch.as_tensor(data.observations.mean(0) if args.normalize_states else np.zeros(obs_dim),
                                dtype=torch.float32, device=device)
     obs_std = torch.as_tensor(data.observations.std(0) + 1e-3 if args.normalize_states else np.ones(obs_dim),
@@ -531,10 +541,9 @@ if __name__ == "__main__":
         return actor.sample(norm(obs), generator=gen)
 
     def act(obs):
-        """Evaluation: `eval_samples` actions for the state, one drawn by softmax over min(Q1, Q2) (target critics)."""
-        o = norm(obs).expand(args.eval_samples, -1)
-        actions = actor.sample(o)
-        return actions[pick_by_q(critic_target.q_min(o, actions))]
+        """Evaluation on states [n, obs_dim]: `eval_samples` actions per state, one drawn by softmax over min(Q1, Q2)
+        of the target critics."""
+        return select_actions(actor, critic_target, norm(obs), args.eval_samples)
 
     start_step, evaluations = 0, []
     if run_dir is not None:
@@ -676,9 +685,8 @@ if __name__ == "__main__":
         if step % args.eval_freq == 0 or step == args.total_steps:
             actor.eval()
             with torch.no_grad():
-                _, scores_eval = evaluate(
-                    lambda o: act(torch.as_tensor(o, dtype=torch.float32, device=device)[None]).cpu().numpy(),
-                    eval_env, args.eval_episodes, args.seed * 10_000 + step, data.ref_min_score, data.ref_max_score)
+                _, scores_eval = evaluate(numpy_policy(act, device), eval_envs, args.seed * 10_000 + step,
+                                          data.ref_min_score, data.ref_max_score)
             actor.train()
             evaluations.append(float(scores_eval.mean()))
             log({"eval/normalized_score": float(scores_eval.mean()), "eval/normalized_score_std": float(scores_eval.std())}, step)

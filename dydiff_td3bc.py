@@ -27,7 +27,7 @@ from common.checkpoints import (atomic_save, load_checkpoint, load_dm, load_dyna
                                 rng_state, set_rng_state)
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import condition_mask, edm_sampler
-from common.envs import evaluate, termination_fn
+from common.envs import evaluate, numpy_policy, termination_fn
 from common.pointmaze import crosses_wall, wall_cells
 
 
@@ -407,8 +407,8 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e))
     S, A, obs_dim = data.state_dim, data.action_dim, data.obs_dim
-    eval_env = data.make_eval_env()
-    max_action = float(eval_env.action_space.high[0])
+    eval_envs = data.make_eval_envs(args.eval_episodes)
+    max_action = float(eval_envs.single_action_space.high[0])
     obs_mean = torch.as_tensor(data.observations.mean(0) if args.normalize_states else np.zeros(obs_dim),
                                dtype=torch.float32, device=device)
     obs_std = torch.as_tensor(data.observations.std(0) + 1e-3 if args.normalize_states else np.ones(obs_dim),
@@ -577,9 +577,8 @@ if __name__ == "__main__":
         if step % args.eval_freq == 0 or step == args.total_steps:
             actor.eval()
             with torch.no_grad():
-                _, scores_eval = evaluate(
-                    lambda o: policy(torch.as_tensor(o, dtype=torch.float32, device=device)[None])[0].cpu().numpy(),
-                    eval_env, args.eval_episodes, args.seed * 10_000 + step, data.ref_min_score, data.ref_max_score)
+                _, scores_eval = evaluate(numpy_policy(policy, device), eval_envs, args.seed * 10_000 + step,
+                                          data.ref_min_score, data.ref_max_score)
             actor.train()
             evaluations.append(float(scores_eval.mean()))
             log({"eval/normalized_score": float(scores_eval.mean()), "eval/normalized_score_std": float(scores_eval.std())}, step)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from common import pointmaze
-from common.envs import register_envs, task_of
+from common.envs import register_envs, task_of, vector_env
 
 OFFLINE_ENV_VAR = "DYDIFF_OFFLINE"
 MUJOCO_TASKS = ("hopper", "halfcheetah", "walker2d")
@@ -195,6 +195,10 @@ class OfflineData:
         """The dataset's real evaluation environment."""
         register_envs()
         return self.minari_dataset.recover_environment(eval_env=True)
+
+    def make_eval_envs(self, n: int):
+        """`n` copies of the evaluation environment as one vector env, for common.envs.evaluate."""
+        return vector_env(self.make_eval_env, n)
 
     def windows(self, L: int) -> tuple[np.ndarray, np.ndarray]:
         """All DM windows of length L: (start index, number of real rows) for each. See segment_windows."""

@@ -120,16 +120,40 @@ def normalized_score(returns, ref_min: float, ref_max: float):
     return 100.0 * (np.asarray(returns, dtype=np.float64) - ref_min) / (ref_max - ref_min)
 
 
-def evaluate(policy: Callable[[np.ndarray], np.ndarray], env: gym.Env, episodes: int, seed: int,
+def vector_env(make_env: Callable[[], gym.Env], n: int) -> gym.vector.SyncVectorEnv:
+    """`n` copies of make_env() stepped together in this process.
+
+    A copy whose episode ended resets itself, unseeded, on the step after (NEXT_STEP autoreset); evaluate
+    counts no reward from then on.
+    """
+    return gym.vector.SyncVectorEnv([make_env] * n, autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
+
+
+def numpy_policy(policy: Callable, device) -> Callable[[np.ndarray], np.ndarray]:
+    """A torch policy (float32 tensor [n, obs_dim] on `device` -> tensor [n, act_dim]) on NumPy arrays, for evaluate."""
+    import torch
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        return policy(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+    return act
+
+
+def evaluate(policy: Callable[[np.ndarray], np.ndarray], envs: gym.vector.VectorEnv, seed: int,
              ref_min: float, ref_max: float) -> tuple[np.ndarray, np.ndarray]:
-    """Run `episodes` episodes of `policy` (flat observation -> action); return (returns, normalized scores)."""
-    returns = np.zeros(episodes)
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=seed + ep)
-        done = False
-        while not done:
-            action = np.asarray(policy(flatten_obs(obs)), dtype=np.float32)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            returns[ep] += reward
-            done = terminated or truncated
+    """One episode in each of the `envs.num_envs` copies of a vector env (see vector_env), all stepped together.
+
+    `policy` maps flat observations [n, obs_dim] to actions [n, act_dim]: one call per step for every copy.
+    Copy i is reset with seed `seed + i`, so episode i is the one a single env would give after
+    env.reset(seed=seed + i). Copies that finished early go on stepping (autoreset) until the last one
+    finishes, without counting their rewards. Returns (returns, normalized scores), each [n].
+    """
+    obs, _ = envs.reset(seed=seed)
+    returns = np.zeros(envs.num_envs)
+    running = np.ones(envs.num_envs, dtype=bool)
+    while running.any():
+        actions = np.asarray(policy(flatten_obs(obs)), dtype=np.float32)
+        obs, rewards, terminated, truncated, _ = envs.step(actions)
+        # A finished copy restarts on its next step: its reward no longer counts.
+        returns[running] += rewards[running]
+        running &= ~(terminated | truncated)
     return returns, normalized_score(returns, ref_min, ref_max)

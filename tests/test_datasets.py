@@ -187,17 +187,21 @@ def test_reloading_reuses_the_stored_dataset(umaze):
 
 
 def test_evaluate_scores_expert_high_and_random_low(umaze):
-    env = umaze.make_eval_env()
+    envs = umaze.make_eval_envs(3)
+    assert envs.num_envs == 3
+    controllers = [pointmaze.WaypointController(umaze.make_eval_env().unwrapped.maze) for _ in range(3)]
 
-    def expert(flat, controller=pointmaze.WaypointController(env.unwrapped.maze)):
-        return controller({"observation": flat[:4], "achieved_goal": flat[:2], "desired_goal": flat[4:6]})
+    def expert(flat):  # one controller per episode: each keeps its own plan
+        return np.stack([c({"observation": o[:4], "achieved_goal": o[:2], "desired_goal": o[4:6]})
+                         for c, o in zip(controllers, flat)])
 
     rng = np.random.default_rng(0)
-    returns, scores = evaluate(expert, env, episodes=3, seed=100, ref_min=umaze.ref_min_score, ref_max=umaze.ref_max_score)
+    returns, scores = evaluate(expert, envs, seed=100, ref_min=umaze.ref_min_score, ref_max=umaze.ref_max_score)
     assert returns.shape == scores.shape == (3,)
     np.testing.assert_allclose(scores, normalized_score(returns, umaze.ref_min_score, umaze.ref_max_score))
     assert scores.mean() > 70
-    _, random_scores = evaluate(lambda o: rng.uniform(-1, 1, 2), env, 3, 100, umaze.ref_min_score, umaze.ref_max_score)
+    _, random_scores = evaluate(lambda o: rng.uniform(-1, 1, (len(o), 2)), envs, 100, umaze.ref_min_score,
+                                umaze.ref_max_score)
     assert random_scores.mean() < 40
 
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from script_runs import TINY, kill_after_first_checkpoint, metrics, models_for_other_data, run_script  # noqa: E402
 from dydiff_diffql import (DiffusionPolicy, NoiseMLP, defaults_for, Args, pick_by_q,  # noqa: E402
-                           vp_beta_schedule)
+                           select_actions, vp_beta_schedule)
 
 
 
@@ -163,6 +163,31 @@ def test_evaluation_picks_the_argmax_of_a_peaked_q():
         assert int(pick_by_q(q, g)) == best
     counts = torch.bincount(torch.stack([pick_by_q(torch.zeros(4), g) for _ in range(400)]), minlength=4)
     assert (counts > 50).all()  # a flat Q draws uniformly
+
+
+def test_batched_evaluation_picks_each_state_its_best_own_candidate():
+    torch.manual_seed(0)
+    actor = DiffusionPolicy(NoiseMLP(3, 2), 2, 1.0)
+    obs = torch.randn(4, 3)
+    obs[:, 0] = torch.tensor([1.0, -1.0, 2.0, -2.0])
+    K = 8
+
+    class PeakedCritic:
+        """Q = 1e4 * a_0 * sign(s_0): the state's largest a_0 when s_0 > 0, its smallest otherwise."""
+
+        def q_min(self, o, a):
+            assert torch.equal(o.view(4, K, 3), obs[:, None].expand(4, K, 3))  # each state's K copies together
+            return 1e4 * a[:, 0] * o[:, 0].sign()
+
+    chosen = select_actions(actor, PeakedCritic(), obs, K, torch.Generator().manual_seed(3))
+    # The candidates: the reverse process draws first, so the same seed gives them again.
+    candidates = actor.sample(obs.repeat_interleave(K, dim=0), torch.Generator().manual_seed(3)).view(4, K, 2)
+    score = candidates[..., 0] * obs[:, :1].sign()
+    assert chosen.shape == (4, 2)
+    for i in range(4):  # one of the state's own candidates, with the best score (several may tie at the bound)
+        own = (candidates[i] == chosen[i]).all(-1)
+        assert own.any() and score[i][own].max() == score[i].max()
+    assert len(chosen.unique(dim=0)) == 4
 
 
 def test_per_dataset_defaults():
