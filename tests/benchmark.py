@@ -3,6 +3,7 @@
 
     python tests/benchmark.py                # small sizes on CPU, the paper's sizes on a GPU (--size picks)
     python tests/benchmark.py --size full --json-out bench.json
+    python tests/benchmark.py --sections evaluation ensemble   # vectorized evaluation, elites-only predict
 
 The models have random weights: speed does not depend on what they learned. Shapes are maze2d's (state 4,
 goal 2, action 2). Every variant (bf16, torch.compile, sync-free insert) is measured in the same run as its
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from common.checkpoints import load_model_file  # noqa: E402
 from common.dynamics import EnsembleDynamics, RewardModel  # noqa: E402
 from common.edm import EDMPrecond, TemporalUnet, condition_mask, edm_sampler  # noqa: E402
-from common.envs import termination_fn  # noqa: E402
+from common.envs import evaluate, flatten_obs, numpy_policy, termination_fn, vector_env  # noqa: E402
 from dydiff_td3bc import (Actor, Critic, SyntheticBuffer, alive_mask, cuda_graphed, filter_trajectories,  # noqa: E402
                           make_update_fns, mixed_batch)
 
@@ -50,7 +51,7 @@ class Args:
     cuda: bool = True
     """use the GPU when there is one"""
     sections: tuple[str, ...] = ("forward", "sampler", "rollout", "update", "projection", "denoisers")
-    """what to measure (projection needs rollout and update)"""
+    """what to measure (projection needs rollout and update); also evaluation and ensemble, not run by default"""
     dm_dim: Optional[int] = None
     """U-Net width (default: by --size)"""
     dm_dim_mults: Optional[tuple[int, ...]] = None
@@ -76,7 +77,9 @@ class Args:
     eval_freq: int = 5000
     """steps between evaluations, for the projection"""
     eval_episodes: int = 10
-    """episodes per evaluation, for the projection"""
+    """episodes per evaluation, for the projection and the evaluation section"""
+    eval_maze: Literal["umaze", "medium", "large"] = "umaze"
+    """PointMaze layout of the evaluation section"""
     dm_train_steps: int = 100_000
     """DM pretraining steps, for the projection"""
     models_dirs: tuple[str, ...] = ()
@@ -358,6 +361,90 @@ def bench_eval(device, episodes_steps=800):
     return (time.perf_counter() - t0) / episodes_steps
 
 
+def bench_evaluation(args, device, results):
+    """One evaluation of `eval_episodes` PointMaze episodes: one env, episode after episode, the policy on one
+    observation per call (the loop evaluate ran before) vs all episodes as one vector env, one batched call per step."""
+    from common.pointmaze import make_eval_env
+
+    actor = Actor(OBS, A, 1.0).to(device).eval()
+    n, seed = args.eval_episodes, 0
+
+    def sequential(env):
+        returns = []
+        for ep in range(n):
+            obs, _ = env.reset(seed=seed + ep)
+            total, done = 0.0, False
+            while not done:
+                with torch.no_grad():
+                    a = actor(torch.as_tensor(flatten_obs(obs), dtype=torch.float32, device=device)[None])[0].cpu().numpy()
+                obs, reward, terminated, truncated, _ = env.step(a)
+                total += reward
+                done = terminated or truncated
+            returns.append(total)
+        return returns
+
+    def vectorized(envs):
+        with torch.no_grad():
+            return evaluate(numpy_policy(actor, device), envs, seed, 0.0, 1.0)[0].tolist()
+
+    t0 = time.perf_counter()
+    env = make_eval_env(args.eval_maze)
+    make_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    envs = vector_env(lambda: make_eval_env(args.eval_maze), n)
+    make_vector = time.perf_counter() - t0
+    same = sequential(env) == vectorized(envs)
+    t_seq = timed(lambda: sequential(env), device, args.repeats, warmup=0)
+    t_vec = timed(lambda: vectorized(envs), device, args.repeats, warmup=0)
+    steps = env.spec.max_episode_steps
+    table(f"Evaluation, {n} maze2d-{args.eval_maze} episodes of {steps} steps, TD3+BC actor (2 x 256); "
+          f"returns identical: {same}", ["loop", "s per evaluation", "env creation s (once per run)"],
+          [["sequential, one observation per policy call", f"{t_seq:.3f}", f"{make_one:.3f}"],
+           [f"vector env, one batched policy call per step ({n} rows)", f"{t_vec:.3f}", f"{make_vector:.3f}"],
+           ["speed-up", f"{t_seq / t_vec:.2f}x", ""]])
+    results["evaluation"] = dict(sequential_s=t_seq, vectorized_s=t_vec, speedup=t_seq / t_vec, same_returns=same,
+                                 env_creation_s=make_one, vector_env_creation_s=make_vector)
+    env.close()
+    envs.close()
+
+
+def predict_all_members(dynamics, s, a, deterministic, generator):
+    """EnsembleDynamics.predict as it was before computing the elites only: every member, then a pick per row."""
+    mean, logvar = dynamics(s, a)
+    rows = torch.arange(len(s), device=s.device)
+    member = dynamics.elites[torch.randint(dynamics.num_elites, (len(s),), generator=generator, device=s.device)]
+    delta = mean[member, rows]
+    if not deterministic:
+        noise = torch.randn(delta.shape, generator=generator, device=s.device)
+        delta = delta + (0.5 * logvar[member, rows]).exp() * noise
+    return s + dynamics._delta_to_raw(delta)
+
+
+def bench_ensemble(args, device, results):
+    """EnsembleDynamics.predict on B_r rows (the paper's 7 members, 5 elites): all members computed vs elites only."""
+    dynamics = rollout_parts(args, device)[0].eval()
+    B = args.rollout_batch_size
+    s, a = torch.randn(B, S, device=device), torch.rand(B, A, device=device) * 2 - 1
+    rows, out = [], {}
+    for deterministic in (False, True):
+        def full():
+            with torch.no_grad():
+                return predict_all_members(dynamics, s, a, deterministic, torch.Generator(device).manual_seed(0))
+
+        def elites():
+            return dynamics.predict(s, a, deterministic=deterministic, generator=torch.Generator(device).manual_seed(0))
+        same = torch.allclose(full(), elites(), rtol=1e-5, atol=1e-6)
+        t_full = timed(full, device, 20 * args.repeats)
+        t_elites = timed(elites, device, 20 * args.repeats)
+        kind = "deterministic" if deterministic else "sampled"
+        out[kind] = dict(all_members_s=t_full, elites_only_s=t_elites, speedup=t_full / t_elites, same_output=same)
+        rows.append([kind, f"{t_full * 1000:.3f}", f"{t_elites * 1000:.3f}", f"{t_full / t_elites:.2f}x", str(same)])
+    table(f"Ensemble predict, {B} rows, {dynamics.num_members} members ({dynamics.num_elites} elites) x "
+          f"{len(dynamics.hidden_layers)} x {dynamics.hidden_layers[0].out_features}",
+          ["noise", "all members ms", "elites only ms", "speed-up", "same output"], rows)
+    results["ensemble"] = out
+
+
 def bench_dm_train_step(args, device, bf16):
     """Seconds per DM training step at batch 256 (EDM loss, backward, Adam)."""
     from common.edm import edm_loss
@@ -502,6 +589,10 @@ def main(args: Args):
         projection(args, device, results, args.bf16)
     if "denoisers" in args.sections:
         bench_denoisers(args, device, results)
+    if "evaluation" in args.sections:
+        bench_evaluation(args, device, results)
+    if "ensemble" in args.sections:
+        bench_ensemble(args, device, results)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
         print(f"\nfigures written to {args.json_out}")

@@ -14,8 +14,8 @@ def test_benchmark_reports_every_section(tmp_path):
     out_file = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "tests" / "benchmark.py"), "--size", "small", DEVICE_FLAG, "--no-compile",
            "--bf16", "on", "--dm-dim", "8", "--dm-dim-mults", "1", "2", "--rollout-batch-size", "16", "--rollout-length", "12",
-           "--sampler-steps", "3", "--repeats", "1", "--dm-train-steps", "10", "--json-out", str(out_file),
-           "--sections", "forward", "sampler", "rollout", "update", "projection"]
+           "--sampler-steps", "3", "--repeats", "1", "--dm-train-steps", "10", "--json-out", str(out_file), "--eval-episodes", "3",
+           "--sections", "forward", "sampler", "rollout", "update", "projection", "evaluation", "ensemble"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out_file.read_text())
@@ -38,3 +38,6 @@ def test_benchmark_reports_every_section(tmp_path):
     # a rollout every 500 of 1M steps: 2,000 rollouts of the measured duration
     assert abs(parts["rollout steps"] - 2000 * r["rollout"]["whole_s"]) < 1e-9 * parts["rollout steps"]
     assert "| DyDiff-TD3BC run, pretraining included |" in out.stdout
+    # The before/after pairs compute the same thing: only their times may differ.
+    assert r["evaluation"]["same_returns"] is True and r["evaluation"]["vectorized_s"] > 0
+    assert all(r["ensemble"][k]["same_output"] is True for k in ("sampled", "deterministic"))
