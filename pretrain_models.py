@@ -84,6 +84,8 @@ class Args:
     """how the U-Net pads the time axis: zeros (paper) or replicate (the edge rows)"""
     dm_cond_channels: bool = False
     """give the U-Net the clean s_0 (on every row) and actions as extra input channels (paper: no)"""
+    dm_relative_states: bool = False
+    """denoise the states relative to s_0, so the prior of every state is s_0 (paper: absolute states)"""
     dm_ema_decay: float = 0.999
     """decay of the EMA copy of the DM weights"""
     sigma_data: float = 0.5
@@ -174,7 +176,8 @@ def model_meta(args, data, **extra):
 def dm_config(args) -> dict:
     """The DM's shape, as saved in dm.pt and dm_train.pt: what must match to keep or resume a DM."""
     return dict(horizon=args.horizon, dim=args.dm_dim, dim_mults=list(args.dm_dim_mults), sigma_data=args.sigma_data,
-                full_res_skip=args.dm_full_res_skip, padding_mode=args.dm_padding, cond_channels=args.dm_cond_channels)
+                full_res_skip=args.dm_full_res_skip, padding_mode=args.dm_padding, cond_channels=args.dm_cond_channels,
+                relative_states=args.dm_relative_states)
 
 
 def train_dm(args, data, train_segs, device, folder, log):
@@ -213,6 +216,7 @@ def train_dm(args, data, train_segs, device, folder, log):
     n_params = sum(p.numel() for p in denoiser.parameters())
     print(f"DM: temporal U-Net dim {args.dm_dim}, mults {args.dm_dim_mults}, full-resolution skip "
           f"{args.dm_full_res_skip}, {args.dm_padding} padding, condition channels {args.dm_cond_channels}, "
+          f"states relative to s_0 {args.dm_relative_states}, "
           f"{n_params / 1e6:.2f}M parameters; "
           f"{len(starts):,} training windows of L={L}")
     t0, loss_avg = time.time(), None
@@ -276,7 +280,7 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     report = {"env_id": args.env_id, "fingerprint": data.fingerprint, "horizon": L, "heldout_transitions": data.size - n0,
               "dm": {"dim": args.dm_dim, "dim_mults": list(args.dm_dim_mults), "steps": args.dm_steps,
                      "full_res_skip": args.dm_full_res_skip, "padding_mode": args.dm_padding,
-                     "cond_channels": args.dm_cond_channels,
+                     "cond_channels": args.dm_cond_channels, "relative_states": args.dm_relative_states,
                      "sampler_steps": args.sampler_steps, "sampler_churn": args.sampler_churn,
                      "params": sum(p.numel() for p in denoiser.parameters())}}
 
@@ -463,8 +467,9 @@ if __name__ == "__main__":
         args.horizon, args.dm_dim, args.dm_dim_mults, args.dm_steps = (
             dm_info["horizon"], dm_info["dim"], tuple(dm_info["dim_mults"]), dm_info["steps"])
         args.holdout_fraction = dm_info["args"]["holdout_fraction"]
-        args.dm_full_res_skip, args.dm_padding, args.dm_cond_channels = (
-            dm_info.get("full_res_skip", False), dm_info.get("padding_mode", "zeros"), dm_info.get("cond_channels", False))
+        args.dm_full_res_skip, args.dm_padding, args.dm_cond_channels, args.dm_relative_states = (
+            dm_info.get("full_res_skip", False), dm_info.get("padding_mode", "zeros"), dm_info.get("cond_channels", False),
+            dm_info.get("relative_states", False))
     train_segs, held_segs, n_train = split_segments(data, args.holdout_fraction)
     S = data.state_dim
     timings = {}

@@ -217,17 +217,23 @@ class EDMPrecond(nn.Module):
     With `cond_channels=(S, A)`, F also receives the conditions at their own scale as S + A extra input
     channels on every row: s_0 (repeated) and that row's action. Without them (the paper's network) the
     conditions reach F only through c_in x, scaled down with the noise level like everything else
-    (c_in = 0.012 at sigma = 80). The conditions are read from x, which always holds them clean
-    (hard replacement, in training and in sampling).
+    (c_in = 0.012 at sigma = 80). With `relative_states=S`, the denoiser works on the states relative to
+    s_0: it subtracts s_0 from the first S columns of every row, denoises, and adds s_0 back. That is an
+    exact change of variables (s_0 is clean), but it changes the prior: where F says nothing, the
+    denoised state is s_0, not the data's mean. The conditions are read from x, which always holds
+    them clean (hard replacement, in training and in sampling).
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, cond_channels: tuple[int, int] | None = None):
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, cond_channels: tuple[int, int] | None = None,
+                 relative_states: int = 0):
         """net: F(x [B, L, C(+S+A)], noise [B]) -> [B, L, C]; sigma_data: std of the (normalized) data;
-        cond_channels: (S, A) to give F the clean s_0 and actions as extra channels, None for the paper's F."""
+        cond_channels: (S, A) to give F the clean s_0 and actions as extra channels, None for the paper's F;
+        relative_states: S to denoise the states relative to s_0, 0 for the paper's absolute states."""
         super().__init__()
         self.net = net
         self.sigma_data = sigma_data
         self.cond_channels = tuple(cond_channels) if cond_channels else None
+        self.relative_states = relative_states
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """D(x; sigma) for x [B, L, C] and sigma a float or a tensor broadcastable to [B]."""
@@ -237,22 +243,26 @@ class EDMPrecond(nn.Module):
         c_out = sigma * sd / (sigma**2 + sd**2).sqrt()  # c_out = sigma * sigma_data / sqrt(sigma^2 + sigma_data^2)
         c_in = 1 / (sigma**2 + sd**2).sqrt()  # c_in = 1 / sqrt(sigma^2 + sigma_data^2)
         c_noise = sigma.log().reshape(-1) / 4  # c_noise = ln(sigma) / 4
-        net_in = c_in * x
+        shift = torch.zeros_like(x[:, :1])
+        if self.relative_states:  # s_0 in the state columns, zero in the action columns
+            shift = F.pad(x[:, :1, :self.relative_states], (0, x.shape[-1] - self.relative_states))
+        net_in = c_in * (x - shift)
         if self.cond_channels:
             S, A = self.cond_channels
             s0 = x[:, :1, :S].expand(-1, x.shape[1], -1)
             net_in = torch.cat([net_in, s0, x[:, :, S:S + A]], dim=-1)
-        return c_skip * x + c_out * self.net(net_in, c_noise)
+        return c_skip * (x - shift) + c_out * self.net(net_in, c_noise) + shift
 
 
 def build_denoiser(state_dim: int, action_dim: int, dim: int = 128, dim_mults: tuple[int, ...] = (1, 4, 8),
                    sigma_data: float = 0.5, full_res_skip: bool = False, padding_mode: str = "zeros",
-                   cond_channels: bool = False) -> EDMPrecond:
+                   cond_channels: bool = False, relative_states: bool = False) -> EDMPrecond:
     """The DM's denoiser: an EDMPrecond around a TemporalUnet. The defaults are the paper's network."""
     C = state_dim + action_dim
     net = TemporalUnet(C, dim=dim, dim_mults=tuple(dim_mults), in_channels=2 * C if cond_channels else C,
                        full_res_skip=full_res_skip, padding_mode=padding_mode)
-    return EDMPrecond(net, sigma_data=sigma_data, cond_channels=(state_dim, action_dim) if cond_channels else None)
+    return EDMPrecond(net, sigma_data=sigma_data, cond_channels=(state_dim, action_dim) if cond_channels else None,
+                      relative_states=state_dim if relative_states else 0)
 
 
 def edm_loss(denoiser, x0: torch.Tensor, cond_mask: torch.Tensor, P_mean: float = -1.2, P_std: float = 1.2,

@@ -585,7 +585,28 @@ def test_cond_channels_give_the_network_the_clean_conditions_at_every_noise_leve
     assert plain.calls[-1][0].shape == x.shape
 
 
-@pytest.mark.parametrize("options", [{}, dict(full_res_skip=True, padding_mode="replicate", cond_channels=True)])
+def test_relative_states_denoise_around_s0():
+    """relative_states: an exact shift by s_0 of the state columns; where F says nothing, D says s_0."""
+    S, A, L, sigma = 3, 2, 6, 2.0
+    x = torch.randn(2, L, S + A, dtype=torch.float64)
+    net = ConstNet(0.0)
+    D = EDMPrecond(net, sigma_data=SIGMA_DATA, relative_states=S)(x, sigma)
+    c_skip = SIGMA_DATA**2 / (sigma**2 + SIGMA_DATA**2)
+    s0 = x[:, :1, :S]
+    torch.testing.assert_close(D[..., :S], s0 + c_skip * (x[..., :S] - s0))
+    torch.testing.assert_close(D[..., S:], c_skip * x[..., S:])  # actions are not shifted
+    seen, _ = net.calls[-1]
+    assert torch.all(seen[:, 0, :S] == 0)  # F sees s_0 as the origin
+    # Without cond_channels the denoiser is then blind to where the window is: shifting every state shifts D.
+    torch.manual_seed(0)
+    rel = EDMPrecond(tiny_unet(S + A).double(), sigma_data=SIGMA_DATA, relative_states=S)
+    moved = x.clone()
+    moved[..., :S] += 0.7
+    torch.testing.assert_close(rel(moved, sigma)[..., :S], rel(x, sigma)[..., :S] + 0.7)
+
+
+@pytest.mark.parametrize("options", [{}, dict(full_res_skip=True, padding_mode="replicate", cond_channels=True,
+                                                 relative_states=True)])
 def test_build_denoiser_saves_and_loads_through_load_dm(tmp_path, options):
     """dm.pt records the network options; load_dm rebuilds the same network (old files: the paper's network)."""
     from common.checkpoints import atomic_save, load_dm

@@ -134,11 +134,12 @@ def test_another_dm_shape_is_trained_afresh_and_recorded(pretrained, tmp_path):
     src, folder = models_folder(str(models_dir), "maze2d-umaze"), models_folder(str(tmp_path), "maze2d-umaze")
     shutil.copytree(src, folder)
     out = run(*TINY, "--models-dir", str(tmp_path), "--dm-full-res-skip", "--dm-padding", "replicate",
-              "--dm-cond-channels", "--report-iterations", "1")
+              "--dm-cond-channels", "--dm-relative-states", "--report-iterations", "1")
     assert "dynamics ensemble: already trained, kept" in out.stdout
     assert "another DM configuration: training the DM from scratch" in out.stdout
     info = load_model_file(folder, "dm")
-    assert (info["full_res_skip"], info["padding_mode"], info["cond_channels"]) == (True, "replicate", True)
+    assert (info["full_res_skip"], info["padding_mode"], info["cond_channels"], info["relative_states"]) == (
+        True, "replicate", True, True)
     report = json.loads((folder / "report.json").read_text())
     assert (report["dm"]["full_res_skip"], report["dm"]["padding_mode"], report["dm"]["cond_channels"]) == (
         True, "replicate", True)
