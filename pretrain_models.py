@@ -15,7 +15,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -78,12 +78,13 @@ class Args:
     """DM batch size (windows)"""
     dm_lr: float = 2e-4
     """DM learning rate (Adam)"""
+    dm_cond_channels: bool = True
+    """give the U-Net the clean s_0 (on every row) and actions as extra input channels (paper: no; the paper's
+    U-Net is `--no-dm-cond-channels --dm-padding zeros`)"""
+    dm_padding: Literal["replicate", "zeros"] = "replicate"
+    """how the U-Net pads the time axis: replicate (the edge rows) or zeros (paper)"""
     dm_full_res_skip: bool = False
-    """feed the U-Net's finest-level features to its output block (paper: no, Diffuser's layout)"""
-    dm_padding: str = "zeros"
-    """how the U-Net pads the time axis: zeros (paper) or replicate (the edge rows)"""
-    dm_cond_channels: bool = False
-    """give the U-Net the clean s_0 (on every row) and actions as extra input channels (paper: no)"""
+    """feed the U-Net's finest-level features to its output block (paper: no, Diffuser's layout; measured: no gain)"""
     dm_relative_states: bool = False
     """denoise the states relative to s_0, so the prior of every state is s_0 (paper: absolute states)"""
     dm_ema_decay: float = 0.999
