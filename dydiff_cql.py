@@ -125,7 +125,9 @@ class Args:
     average_with_previous: bool = False
     """the released code's variant: average new DM states with the previous iteration's"""
     sampler_steps: int = 34
-    """N: EDM sampler steps (paper Table 3)"""
+    """N: EDM sampler steps (paper Table 3: 34)"""
+    sampler_churn: float = 60.0
+    """S_churn: the sampler's stochasticity (paper Table 3: 60; 0 is EDM's deterministic Heun sampler)"""
     dm_bf16: bool = True
     """run the DM in bfloat16 autocast on a GPU (the sampler's own arithmetic stays float32)"""
     compile_dm: bool = False
@@ -166,6 +168,10 @@ def check_args(args: Args) -> None:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.rollout_length < 2:
         problems.append(f"--rollout-length must be >= 2, got {args.rollout_length}")
+    if args.sampler_steps < 2:
+        problems.append(f"--sampler-steps must be >= 2, got {args.sampler_steps}")
+    if args.sampler_churn < 0:
+        problems.append(f"--sampler-churn must be >= 0, got {args.sampler_churn}")
     if problems:
         raise SystemExit("; ".join(problems))
 
@@ -531,7 +537,7 @@ if __name__ == "__main__":
                     cond = torch.cat([s0[:, None, :].expand(B_r, L, S), actions], dim=-1)
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dm_bf16):
                         x = edm_sampler(denoiser, dm_normalizer.normalize(cond), cond_mask,
-                                        num_steps=args.sampler_steps, generator=gen)
+                                        num_steps=args.sampler_steps, S_churn=args.sampler_churn, generator=gen)
                     new_states = torch.cat([s0[:, None], dm_normalizer.unnormalize(x)[:, 1:, :S]], dim=1)
                     states = 0.5 * (states + new_states) if args.average_with_previous else new_states
                     obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)

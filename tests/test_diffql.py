@@ -97,6 +97,9 @@ def test_bad_inputs_end_in_one_clear_message(dydiff_run, dirs, tmp_path):
     assert out.returncode != 0 and "unknown --env-id 'maze2d-huge'" in out.stderr and "Traceback" not in out.stderr
     out = run(*TINY, "--models-dir", str(models), "--runs-dir", str(tmp_path), "--real-ratio", "1.5", check=False)
     assert out.returncode != 0 and "--real-ratio must be in [0, 1]" in out.stderr and "Traceback" not in out.stderr
+    out = run(*TINY, "--models-dir", str(models), "--runs-dir", str(tmp_path), "--sampler-steps", "1", "--sampler-churn", "-1",
+              check=False)
+    assert out.returncode != 0 and "--sampler-steps must be >= 2" in out.stderr and "--sampler-churn must be >= 0" in out.stderr
     # Models made for another dataset (a different seed of the generated maze) are refused.
     other = models_for_other_data(models, tmp_path / "other-models")
     out = run(*TINY, "--models-dir", str(other), "--runs-dir", str(tmp_path), check=False)
