@@ -480,7 +480,7 @@ if __name__ == "__main__":
         """max_action * tanh(mean): the action evaluated in the environment."""
         return actor((obs - obs_mean) / obs_std, deterministic=True)[0]
 
-    start_step, evaluations = 0, []
+    start_step, evaluations, time_before = 0, [], 0.0
     modules = ((actor, "actor"), (qf1, "qf1"), (qf2, "qf2"), (qf1_target, "qf1_target"), (qf2_target, "qf2_target"),
                (log_alpha, "log_alpha"), (log_alpha_prime, "log_alpha_prime"), (q_optimizer, "q_optimizer"),
                (actor_optimizer, "actor_optimizer"), (alpha_optimizer, "alpha_optimizer"),
@@ -491,6 +491,7 @@ if __name__ == "__main__":
             module.load_state_dict(ckpt[key])
         set_rng_state(ckpt["rng"], gen)
         start_step, evaluations = ckpt["step"], ckpt["evaluations"]
+        time_before = ckpt.get("wall_time_s", 0.0)  # training time of the earlier sittings
         run_name = run_dir.name
         print(f"resuming {run_dir} at step {start_step:,}")
     else:
@@ -650,11 +651,12 @@ if __name__ == "__main__":
             log({"eval/normalized_score": float(scores_eval.mean()), "eval/normalized_score_std": float(scores_eval.std())}, step)
             print(f"step {step:,}: normalized score {scores_eval.mean():.1f} ± {scores_eval.std():.1f}")
             atomic_save(dict(**{key: module.state_dict() for module, key in modules}, rng=rng_state(gen), step=step,
-                             evaluations=evaluations), run_dir / "checkpoint.pt")
+                             evaluations=evaluations, wall_time_s=time_before + time.time() - start_time), run_dir / "checkpoint.pt")
 
     final = float(np.mean(evaluations[-5:])) if evaluations else float("nan")
     result = dict(env_id=args.env_id, seed=args.seed, dydiff=args.dydiff, num_iterations=args.num_iterations,
                   cql_lagrange=args.cql_lagrange, final_normalized_score=final, evaluations=evaluations,
+                  wall_time_s=time_before + time.time() - start_time,
                   total_steps=args.total_steps)
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     atomic_save(dict(actor=actor.state_dict(), obs_mean=obs_mean.cpu(), obs_std=obs_std.cpu(), args=asdict(args)),

@@ -551,7 +551,7 @@ if __name__ == "__main__":
         of the target critics."""
         return select_actions(actor, critic_target, norm(obs), args.eval_samples)
 
-    start_step, evaluations = 0, []
+    start_step, evaluations, time_before = 0, [], 0.0
     if run_dir is not None:
         ckpt = load_checkpoint(run_dir / "checkpoint.pt")
         for module, key in ((actor, "actor"), (ema_actor, "ema_actor"), (critic, "critic"),
@@ -562,6 +562,7 @@ if __name__ == "__main__":
             scheduler.load_state_dict(state)
         set_rng_state(ckpt["rng"], gen)
         start_step, evaluations = ckpt["step"], ckpt["evaluations"]
+        time_before = ckpt.get("wall_time_s", 0.0)  # training time of the earlier sittings
         run_name = run_dir.name
         print(f"resuming {run_dir} at step {start_step:,}")
     else:
@@ -702,11 +703,12 @@ if __name__ == "__main__":
                              critic_optimizer=critic_optimizer.state_dict(),
                              schedulers=[s.state_dict() for s in schedulers], synthetic=synthetic.state_dict(),
                              rng=rng_state(gen), step=step,
-                             evaluations=evaluations), run_dir / "checkpoint.pt")
+                             evaluations=evaluations, wall_time_s=time_before + time.time() - start_time), run_dir / "checkpoint.pt")
 
     final = float(np.mean(evaluations[-5:])) if evaluations else float("nan")
     result = dict(env_id=args.env_id, seed=args.seed, dydiff=args.dydiff, num_iterations=args.num_iterations,
-                  final_normalized_score=final, evaluations=evaluations, total_steps=args.total_steps)
+                  final_normalized_score=final, evaluations=evaluations,
+                  wall_time_s=time_before + time.time() - start_time, total_steps=args.total_steps)
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     atomic_save(dict(actor=actor.state_dict(), critic_target=critic_target.state_dict(), obs_mean=obs_mean.cpu(), obs_std=obs_std.cpu(), args=asdict(args)),
                 run_dir / "final_policy.pt")

@@ -481,7 +481,7 @@ if __name__ == "__main__":
         """The learning policy on raw observations (what the rollout and the evaluation call)."""
         return actor((obs - obs_mean) / obs_std)
 
-    start_step, evaluations = 0, []
+    start_step, evaluations, time_before = 0, [], 0.0
     if run_dir is not None:
         ckpt = load_checkpoint(run_dir / "checkpoint.pt")
         for module, key in ((actor, "actor"), (qf1, "qf1"), (qf2, "qf2"), (actor_target, "actor_target"),
@@ -490,6 +490,7 @@ if __name__ == "__main__":
             module.load_state_dict(ckpt[key])
         set_rng_state(ckpt["rng"], gen)
         start_step, evaluations = ckpt["step"], ckpt["evaluations"]
+        time_before = ckpt.get("wall_time_s", 0.0)  # training time of the earlier sittings
         run_name = run_dir.name
         print(f"resuming {run_dir} at step {start_step:,}")
     else:
@@ -594,11 +595,12 @@ if __name__ == "__main__":
                              qf2_target=qf2_target.state_dict(), q_optimizer=q_optimizer.state_dict(),
                              actor_optimizer=actor_optimizer.state_dict(), synthetic=synthetic.state_dict(),
                              rng=rng_state(gen), step=step,
-                             evaluations=evaluations), run_dir / "checkpoint.pt")
+                             evaluations=evaluations, wall_time_s=time_before + time.time() - start_time), run_dir / "checkpoint.pt")
 
     final = float(np.mean(evaluations[-5:])) if evaluations else float("nan")
     result = dict(env_id=args.env_id, seed=args.seed, dydiff=args.dydiff, num_iterations=args.num_iterations,
-                  final_normalized_score=final, evaluations=evaluations, total_steps=args.total_steps)
+                  final_normalized_score=final, evaluations=evaluations,
+                  wall_time_s=time_before + time.time() - start_time, total_steps=args.total_steps)
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     atomic_save(dict(actor=actor.state_dict(), obs_mean=obs_mean.cpu(), obs_std=obs_std.cpu(), args=asdict(args)),
                 run_dir / "final_policy.pt")

@@ -1,0 +1,204 @@
+"""Turn training runs into a results table and a learning-curve plot.
+
+    python -m common.results runs/maze2d-large__* --summaries results/maze2d-large        # summarize the runs
+    python -m common.results results/maze2d-large/*.json --plot results/maze2d-large.png  # rebuild from summaries
+
+Each argument is a run folder (what a training script writes: `args.json`, `metrics.jsonl`, and
+`result.json` once it has finished) or a summary JSON written by this command. `--summaries DIR`
+writes one small summary per run folder (its arm, seed, evaluations and wall time), so the table
+and the plot can be rebuilt later without the run folders. The Markdown table (final normalized
+score, mean ± std over seeds, per arm) goes to stdout or `--table FILE`.
+
+An arm is one algorithm with one setting: the base algorithm (`--no-dydiff`), DyDiff with M
+refinement iterations, or M = 0 (dynamics-ensemble rollouts only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+SUMMARY_VERSION = 1
+ALGO_NAMES = {"dydiff_td3bc": "TD3+BC", "dydiff_cql": "CQL", "dydiff_diffql": "Diffusion-QL"}
+
+
+def arm_name(args: dict) -> str:
+    """'TD3+BC', 'TD3+BC + DyDiff (M=1)' or 'TD3+BC + M=0 (ensemble rollouts)', from a run's args.json."""
+    script = args.get("script") or args.get("exp_name", "")
+    algo = next((name for key, name in ALGO_NAMES.items() if script.startswith(key)), script)
+    if not args.get("dydiff", True):
+        return algo
+    m = args.get("num_iterations")
+    if m == 0:
+        return f"{algo} + M=0 (ensemble rollouts)"
+    return f"{algo} + DyDiff (M={m})"
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"{path} is missing: {what}")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{path} is not valid JSON ({e}); rerun the training script or delete the file")
+
+
+def summarize_run(run_dir: Path) -> dict:
+    """The summary of one run folder: arm, seed, evaluations (step, score), final score, wall time."""
+    run_dir = Path(run_dir)
+    args = _read_json(run_dir / "args.json", "is this a run folder of a training script?")
+    evals = {}  # step -> score; a resumed run may have logged a redone step twice: the last one counts
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if "eval/normalized_score" in row:
+                evals[int(row["step"])] = float(row["eval/normalized_score"])
+    result = _read_json(run_dir / "result.json", "") if (run_dir / "result.json").exists() else None
+    steps = sorted(evals)
+    if result is not None and len(result.get("evaluations", [])) == len(steps):
+        scores = [float(s) for s in result["evaluations"]]  # the run's own record is authoritative
+    else:
+        scores = [evals[s] for s in steps]
+    return dict(
+        version=SUMMARY_VERSION, run=run_dir.name, arm=arm_name(args), env_id=args.get("env_id"),
+        seed=args.get("seed"), total_steps=args.get("total_steps"), finished=result is not None,
+        final_normalized_score=None if result is None else result["final_normalized_score"],
+        wall_time_s=None if result is None else result.get("wall_time_s"),
+        eval_steps=steps, eval_scores=scores,
+        args={k: args.get(k) for k in ("rollout_batch_size", "rollout_freq", "synthetic_buffer_size", "real_ratio",
+                                        "num_iterations", "sampler_steps", "sampler_churn", "eval_freq",
+                                        "eval_episodes", "models_dir", "dydiff")},
+    )
+
+
+def load(paths) -> list[dict]:
+    """Summaries from run folders and summary files, in the order given."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.append(summarize_run(p))
+        else:
+            s = _read_json(p, "give run folders or summary files written by --summaries")
+            if s.get("version") != SUMMARY_VERSION or "arm" not in s:
+                raise SystemExit(f"{p} is not a summary written by `python -m common.results --summaries`")
+            out.append(s)
+    if not out:
+        raise SystemExit("no runs given: pass run folders (runs/...) or summary files")
+    return out
+
+
+def group(summaries: list[dict]) -> dict[tuple, list[dict]]:
+    """(env_id, arm) -> that arm's runs, sorted by seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in summaries:
+        groups.setdefault((s["env_id"], s["arm"]), []).append(s)
+    for runs in groups.values():
+        runs.sort(key=lambda s: (s["seed"] if s["seed"] is not None else -1))
+    return groups
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    h, m = divmod(round(seconds / 60), 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min"
+
+
+def table(summaries: list[dict]) -> str:
+    """Markdown: one row per (env, arm); the final score is the mean of each run's last 5 evaluations."""
+    lines = ["| env | arm | seeds | final normalized score (mean ± std) | per seed | steps | wall time per run |",
+             "|---|---|---|---|---|---|---|"]
+    for (env_id, arm), runs in group(summaries).items():
+        done = [r for r in runs if r["finished"]]
+        if done:
+            m, s = mean_std([r["final_normalized_score"] for r in done])
+            score = f"{m:.1f} ± {s:.1f}"
+            per_seed = ", ".join(f"{r['final_normalized_score']:.1f} (seed {r['seed']})" for r in done)
+            times = [r["wall_time_s"] for r in done if r.get("wall_time_s") is not None]
+            wall = _duration(sum(times) / len(times)) if times else "—"
+        else:
+            score, per_seed, wall = "—", "—", "—"
+        unfinished = len(runs) - len(done)
+        if unfinished:
+            last = ", ".join(f"seed {r['seed']} at step {r['eval_steps'][-1] if r['eval_steps'] else 0:,}"
+                             for r in runs if not r["finished"])
+            per_seed += f"; unfinished: {last}"
+        steps = ", ".join(sorted({f"{r['total_steps']:,}" for r in runs}))
+        lines.append(f"| {env_id} | {arm} | {len(done)} | {score} | {per_seed} | {steps} | {wall} |")
+    return "\n".join(lines)
+
+
+def plot(summaries: list[dict], path: Path) -> None:
+    """Learning curves: per arm the mean over seeds and the min-max band, one panel per env."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group(summaries)
+    envs = sorted({env for env, _ in groups})
+    fig, axes = plt.subplots(1, len(envs), figsize=(6.5 * len(envs), 4.2), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        for (e, arm), runs in groups.items():
+            if e != env:
+                continue
+            common_steps = sorted(set.intersection(*(set(r["eval_steps"]) for r in runs)))
+            if not common_steps:
+                continue
+            curves = [[dict(zip(r["eval_steps"], r["eval_scores"]))[s] for s in common_steps] for r in runs]
+            mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(common_steps))]
+            lo = [min(c[i] for c in curves) for i in range(len(common_steps))]
+            hi = [max(c[i] for c in curves) for i in range(len(common_steps))]
+            (line,) = ax.plot(common_steps, mean, label=f"{arm} ({len(runs)} seeds)")
+            ax.fill_between(common_steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(env)
+        ax.set_xlabel("gradient steps")
+        ax.set_ylabel("normalized score (mean, min–max over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="run folders and/or summary JSON files")
+    p.add_argument("--summaries", type=Path, help="write one summary JSON per run folder into this folder")
+    p.add_argument("--table", type=Path, help="write the Markdown table here (default: print it)")
+    p.add_argument("--plot", type=Path, help="write the learning-curve PNG here")
+    args = p.parse_args(argv)
+    summaries = load(args.paths)
+    if args.summaries is not None:
+        args.summaries.mkdir(parents=True, exist_ok=True)
+        for s, path in zip(summaries, map(Path, args.paths)):
+            if path.is_dir():
+                out = args.summaries / f"{s['run']}.json"
+                out.write_text(json.dumps(s, indent=1) + "\n")
+                print(f"wrote {out}")
+    text = table(summaries)
+    if args.table is not None:
+        args.table.write_text(text + "\n")
+        print(f"wrote {args.table}")
+    else:
+        print(text)
+    if args.plot is not None:
+        plot(summaries, args.plot)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

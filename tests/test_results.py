@@ -1,0 +1,97 @@
+"""common.results on tiny fake run folders: summaries, the Markdown table, the plot, bad inputs."""
+
+import json
+
+import pytest
+
+from common import results
+
+
+def fake_run(root, name, seed, scores, dydiff=True, m=1, finished=True, wall=600.0, duplicate_step=None):
+    """A run folder as a training script leaves it (evaluations every 1000 steps)."""
+    run = root / name
+    run.mkdir()
+    args = dict(exp_name="dydiff_td3bc" if dydiff else "dydiff_td3bc-base", env_id="maze2d-large", seed=seed,
+                dydiff=dydiff, num_iterations=m, total_steps=1000 * len(scores), eval_freq=1000,
+                rollout_batch_size=64, rollout_freq=500, synthetic_buffer_size=62_500, real_ratio=0.6)
+    (run / "args.json").write_text(json.dumps(args))
+    rows = []
+    for i, score in enumerate(scores):
+        step = 1000 * (i + 1)
+        rows.append({"step": step, "losses/qf1_loss": 1.0})
+        if step == duplicate_step:  # a resumed run redid this step: first a stale value, then the kept one
+            rows.append({"step": step, "eval/normalized_score": -999.0})
+        rows.append({"step": step, "eval/normalized_score": score})
+    lines = [json.dumps(r) for r in rows] + ['{"step": 99, "eval/norm']  # a line cut by a kill
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if finished:
+        final = sum(scores[-5:]) / len(scores[-5:])
+        (run / "result.json").write_text(json.dumps(dict(final_normalized_score=final, evaluations=scores,
+                                                         wall_time_s=wall)))
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    base = [fake_run(root, f"base{s}", s, [10.0 * s] * 6, dydiff=False, wall=60.0) for s in (1, 2, 3)]
+    dyd = [fake_run(root, f"dydiff{s}", s, [0, 0, 0, 0, 0, 20.0 * s], wall=3600.0 * s, duplicate_step=3000)
+           for s in (1, 2, 3)]
+    m0 = [fake_run(root, "m0_1", 1, [5.0] * 6, m=0), fake_run(root, "m0_2", 2, [1.0, 2.0], m=0, finished=False)]
+    return base, dyd, m0
+
+
+def test_arm_names():
+    assert results.arm_name(dict(exp_name="dydiff_td3bc-base", dydiff=False)) == "TD3+BC"
+    assert results.arm_name(dict(exp_name="dydiff_cql", dydiff=True, num_iterations=2)) == "CQL + DyDiff (M=2)"
+    assert results.arm_name(dict(exp_name="dydiff_diffql", dydiff=True, num_iterations=0)).startswith("Diffusion-QL + M=0")
+    assert results.arm_name(dict(exp_name="my-run", dydiff=False)) == "my-run"
+
+
+def test_summary_of_a_run_folder(runs):
+    base, dyd, m0 = runs
+    s = results.summarize_run(dyd[1])
+    assert s["arm"] == "TD3+BC + DyDiff (M=1)" and s["seed"] == 2 and s["finished"]
+    assert s["eval_steps"] == [1000, 2000, 3000, 4000, 5000, 6000]
+    assert s["eval_scores"] == [0, 0, 0, 0, 0, 40.0]  # the redone step's stale value is dropped
+    assert s["final_normalized_score"] == pytest.approx(8.0) and s["wall_time_s"] == 7200.0
+    unfinished = results.summarize_run(m0[1])
+    assert not unfinished["finished"] and unfinished["final_normalized_score"] is None
+    assert unfinished["eval_scores"] == [1.0, 2.0]
+
+
+def test_table_means_and_stds(runs):
+    base, dyd, m0 = runs
+    text = results.table(results.load([*base, *dyd, *m0]))
+    rows = {line.split(" | ")[1]: line for line in text.splitlines()[2:]}
+    assert set(rows) == {"TD3+BC", "TD3+BC + DyDiff (M=1)", "TD3+BC + M=0 (ensemble rollouts)"}
+    assert "| 3 | 20.0 ± 10.0 |" in rows["TD3+BC"] and "| 1 min |" in rows["TD3+BC"]
+    assert "| 3 | 8.0 ± 4.0 |" in rows["TD3+BC + DyDiff (M=1)"]  # finals 4, 8, 12
+    assert "2 h 00 min" in rows["TD3+BC + DyDiff (M=1)"]  # mean of 1, 2, 3 hours
+    assert "| 1 | 5.0 ± 0.0 |" in rows["TD3+BC + M=0 (ensemble rollouts)"]
+    assert "unfinished: seed 2 at step 2,000" in rows["TD3+BC + M=0 (ensemble rollouts)"]
+
+
+def test_summaries_rebuild_the_same_table_and_plot(runs, tmp_path):
+    base, dyd, m0 = runs
+    out = tmp_path / "summaries"
+    results.main([*map(str, base + dyd + m0), "--summaries", str(out), "--table", str(tmp_path / "a.md"),
+                  "--plot", str(tmp_path / "a.png")])
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 8
+    results.main([*map(str, files), "--table", str(tmp_path / "b.md"), "--plot", str(tmp_path / "b.png")])
+    assert (tmp_path / "a.md").read_text() == (tmp_path / "b.md").read_text()
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(SystemExit, match="args.json is missing"):
+        results.summarize_run(tmp_path)
+    bad = tmp_path / "x.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit, match="is not a summary"):
+        results.load([bad])
+    bad.write_text("{")
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        results.load([bad])
