@@ -42,6 +42,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_numbers(script, models, tmp_p
     assert f"resuming {cut} at step {ckpt['step']:,}" in out.stdout
     a, b = (json.loads((r / "result.json").read_text()) for r in (whole, cut))
     assert b["evaluations"] == a["evaluations"] and len(a["evaluations"]) == 4
+    assert 0 < ckpt["wall_time_s"] < b["wall_time_s"], "the training time of the first sitting is counted"
     pa, pb = (torch.load(r / "final_policy.pt", weights_only=False) for r in (whole, cut))
     for key in ("actor", "ema_actor"):
         if key in pa:
