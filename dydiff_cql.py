@@ -9,14 +9,12 @@ scores them, the best are kept and pushed into a FIFO synthetic buffer that is m
 at the real ratio. `--no-dydiff` is the plain CQL; `--num-iterations 0` uses single-step-model rollouts only.
 """
 
-import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
@@ -26,12 +24,14 @@ import torch.nn.functional as F
 import tyro
 from tqdm import tqdm
 
-from common.checkpoints import (atomic_save, load_checkpoint, load_dm, load_dynamics, load_reward, models_folder,
-                                rng_state, set_rng_state)
+from common.args import shared_arg_problems
+from common.buffer import SyntheticBuffer
+from common.checkpoints import load_or_pretrain_models
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
-from common.edm import condition_mask, edm_sampler
+from common.edm import refine_states
 from common.envs import evaluate, numpy_policy, termination_fn
-from common.pointmaze import crosses_wall, wall_cells
+from common.pointmaze import maze_picture
+from common.runs import Run, resumed_args
 
 
 @dataclass
@@ -147,31 +147,15 @@ def defaults_for(args: Args, env_id: str) -> Args:
 
 def check_args(args: Args) -> None:
     """One clear message per invalid hyper-parameter."""
-    problems = []
-    if not 0.0 <= args.real_ratio <= 1.0:
-        problems.append(f"--real-ratio must be in [0, 1], got {args.real_ratio}")
-    if not 0.0 < args.filter_proportion <= 1.0:
-        problems.append(f"--filter-proportion must be in (0, 1], got {args.filter_proportion}")
-    elif args.filter_proportion * args.rollout_batch_size < 1:
-        problems.append(f"--filter-proportion {args.filter_proportion} keeps no trajectory of --rollout-batch-size "
-                        f"{args.rollout_batch_size}; raise either so that their product is >= 1")
-    if args.num_iterations < 0:
-        problems.append(f"--num-iterations must be >= 0, got {args.num_iterations}")
+    problems = shared_arg_problems(args)
     if args.bc_steps < 0:
         problems.append(f"--bc-steps must be >= 0, got {args.bc_steps}")
-    for name in ("filter_temperature", "cql_temperature", "policy_lr", "qf_lr"):
+    for name in ("cql_temperature", "policy_lr", "qf_lr"):
         if getattr(args, name) <= 0:
             problems.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("total_steps", "batch_size", "eval_freq", "eval_episodes", "rollout_freq", "rollout_batch_size",
-                 "synthetic_buffer_size", "cql_n_actions"):
+    for name in ("cql_n_actions",):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.rollout_length < 2:
-        problems.append(f"--rollout-length must be >= 2, got {args.rollout_length}")
-    if args.sampler_steps < 2:
-        problems.append(f"--sampler-steps must be >= 2, got {args.sampler_steps}")
-    if args.sampler_churn < 0:
-        problems.append(f"--sampler-churn must be >= 0, got {args.sampler_churn}")
     if problems:
         raise SystemExit("; ".join(problems))
 
@@ -266,58 +250,7 @@ def lagrange_loss(log_alpha_prime, gap1, gap2, cql_alpha, target_action_gap):
     return -0.5 * alpha_prime * cql_alpha * ((gap1.detach() - target_action_gap) + (gap2.detach() - target_action_gap))
 
 
-class SyntheticBuffer:
-    """FIFO ring buffer of synthetic transitions, preallocated on the device; add() never waits on the device."""
-
-    def __init__(self, capacity, obs_dim, action_dim, device):
-        self.capacity = capacity
-        # One spare row at the end takes the writes of masked-out rows, so an insert needs no host sync.
-        self.obs = torch.zeros(capacity + 1, obs_dim, device=device)
-        self.actions = torch.zeros(capacity + 1, action_dim, device=device)
-        self.rewards = torch.zeros(capacity + 1, device=device)
-        self.next_obs = torch.zeros(capacity + 1, obs_dim, device=device)
-        self.dones = torch.zeros(capacity + 1, device=device)
-        self.ptr = torch.zeros((), dtype=torch.long, device=device)  # next slot to write
-        self.count = torch.zeros((), dtype=torch.long, device=device)  # transitions held, <= capacity
-        self.empty = True  # known on the host: sampling needs no sync either
-
-    @property
-    def size(self):
-        """Transitions held (reads the device: for logs and checkpoints, not for the training loop)."""
-        return int(self.count)
-
-    def add(self, obs, actions, rewards, next_obs, dones, valid=None):
-        """Append the rows where `valid` [n] is True (all if None), in order; once full, the oldest go."""
-        if len(obs) == 0:
-            return
-        if valid is None:
-            valid = torch.ones(len(obs), dtype=torch.bool, device=self.obs.device)
-        rank = valid.long().cumsum(0)  # 1-based position among the valid rows
-        total = rank[-1]
-        fits = valid & (rank > total - self.capacity)  # only the newest `capacity` rows fit
-        slot = torch.where(fits, (self.ptr + rank - 1) % self.capacity, self.capacity)
-        for buf, x in ((self.obs, obs), (self.actions, actions), (self.rewards, rewards), (self.next_obs, next_obs),
-                       (self.dones, dones)):
-            buf[slot] = x.to(buf.dtype)
-        self.ptr = (self.ptr + total) % self.capacity
-        self.count = (self.count + total).clamp(max=self.capacity)
-        self.empty = False
-
-    def state_dict(self):
-        s = self.size
-        return dict(capacity=self.capacity, size=s, ptr=int(self.ptr), obs=self.obs[:s].cpu(),
-                    actions=self.actions[:s].cpu(), rewards=self.rewards[:s].cpu(), next_obs=self.next_obs[:s].cpu(),
-                    dones=self.dones[:s].cpu())
-
-    def load_state_dict(self, d):
-        s = int(d["size"])
-        for name in ("obs", "actions", "rewards", "next_obs", "dones"):
-            getattr(self, name)[:s] = d[name].to(self.obs.device)
-        self.count.fill_(s)
-        self.ptr.fill_(int(d["ptr"]))
-        self.empty = s == 0
-
-
+# ---- DyDiff: the trajectory filter and the real-ratio batch mix (the same text in the three scripts) ----
 def filter_trajectories(scores, proportion, method, temperature, generator=None):
     """Indices of the floor(eta * B_r) trajectories kept: top-k (hardmax) or softmax sampling without replacement."""
     k = int(np.floor(proportion * len(scores)))
@@ -353,50 +286,11 @@ def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
     return batch, n_syn
 
 
-def maze_picture(data, states, keep, path):
-    """PointMaze: sampled synthetic trajectories over the maze walls; returns the share crossing a wall."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    env = data.make_eval_env()
-    maze = env.unwrapped.maze
-    walls = wall_cells(maze)
-    xy = states[..., :2].cpu().numpy()
-    crossing = crosses_wall(maze, xy)
-    fig, ax = plt.subplots(figsize=(5, 5 * walls.shape[0] / walls.shape[1]))
-    s = maze.maze_size_scaling
-    for i, j in zip(*np.nonzero(walls)):
-        x, y = maze.cell_rowcol_to_xy(np.array([i, j]))
-        ax.add_patch(plt.Rectangle((x - s / 2, y - s / 2), s, s, color="0.3"))
-    kept = np.zeros(len(xy), dtype=bool)
-    kept[keep.cpu().numpy()] = True
-    for n in range(min(64, len(xy))):
-        ax.plot(xy[n, :, 0], xy[n, :, 1], lw=0.8, color=("tab:red" if crossing[n] else "tab:blue"),
-                alpha=0.9 if kept[n] else 0.3)
-    ax.set_aspect("equal")
-    ax.set_xlim(-maze.x_map_center, maze.x_map_center)
-    ax.set_ylim(-maze.y_map_center, maze.y_map_center)
-    ax.set_title(f"synthetic trajectories (red: through a wall, {crossing.mean():.0%}; faint: filtered out)", fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name("." + path.name)
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    env.close()
-    return float(crossing.mean())
+# ---- end of the DyDiff pieces ----
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, args=flag_pair(sys.argv[1:]))
-    run_dir = None
-    if args.resume:  # continue a killed run with its own arguments
-        run_dir = Path(args.resume)
-        if not (run_dir / "checkpoint.pt").exists():
-            raise SystemExit(f"--resume {run_dir}: no checkpoint.pt there; pass the folder of a run that has evaluated once")
-        saved = json.loads((run_dir / "args.json").read_text())
-        args = Args(**{**saved, "resume": str(run_dir)})
+    args = resumed_args(tyro.cli(Args, args=flag_pair(sys.argv[1:])), Args)
     args = defaults_for(args, args.env_id)
     check_args(args)
     if args.offline:
@@ -410,52 +304,24 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    # Data
+    # Data: the whole real dataset on the device
     try:
-        data = load_dataset(args.env_id, num_steps=args.dataset_steps)
+        data = load_dataset(args.env_id, dataset_steps=args.dataset_steps)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e))
     S, A, obs_dim = data.state_dim, data.action_dim, data.obs_dim
     eval_envs = data.make_eval_envs(args.eval_episodes)
     max_action = float(eval_envs.single_action_space.high[0])
-    obs_mean = torch.as_tensor(data.observations.mean(0) if args.normalize_states else np.zeros(obs_dim),
-                               dtype=torch.float32, device=device)
-    obs_std = torch.as_tensor(data.observations.std(0) + 1e-3 if args.normalize_states else np.ones(obs_dim),
-                              dtype=torch.float32, device=device)
-    real = dict(  # the whole real dataset, on the device
-        obs=torch.as_tensor(data.observations, device=device), actions=torch.as_tensor(data.actions, device=device),
-        rewards=torch.as_tensor(data.rewards, device=device), next_obs=torch.as_tensor(data.next_observations, device=device),
-        dones=torch.as_tensor(data.terminals, dtype=torch.float32, device=device),
-    )
+    obs_mean, obs_std = data.observation_stats(args.normalize_states, device)
+    real = data.tensors(device)
 
-    # Pretrained models (made first if missing)
+    # Pretrained models: DM, dynamics ensemble, reward model (made first if missing)
     if args.dydiff:
-        folder = models_folder(args.models_dir, args.env_id)
-        if not all((folder / f).exists() for f in ("dm.pt", "dynamics.pt", "reward.pt")):
-            import shlex
-            import subprocess
-
-            cmd = [sys.executable, str(Path(__file__).with_name("pretrain_models.py")), "--env-id", args.env_id,
-                   "--models-dir", args.models_dir, "--dataset-steps", str(args.dataset_steps),
-                   "--horizon", str(args.rollout_length), *shlex.split(args.pretrain_args)]
-            print(f"no pretrained models in {folder}: making them first (to do it separately: {shlex.join(cmd[1:])})")
-            if subprocess.run(cmd).returncode != 0:
-                raise SystemExit("pretraining failed; see its message above")
-        try:
-            denoiser, dm_normalizer, dm_info = load_dm(folder, data.fingerprint, device)
-            dynamics = load_dynamics(folder, data.fingerprint, device)
-            reward_model = load_reward(folder, data.fingerprint, device)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(str(e))
-        if dm_info["horizon"] != args.rollout_length:
-            raise SystemExit(f"the DM in {folder} was trained with L={dm_info['horizon']}, not --rollout-length "
-                             f"{args.rollout_length}; use --rollout-length {dm_info['horizon']} or pretrain with --horizon "
-                             f"{args.rollout_length}")
-        is_terminal = termination_fn(data.task)
-        cond_mask = condition_mask(args.rollout_length, S, A, device=device)
-        dm_bf16 = args.dm_bf16 and device.type == "cuda"  # bf16 convolutions are slow on most CPUs
+        denoiser, dm_normalizer, dynamics, reward_model = load_or_pretrain_models(args, data, device)
         if args.compile_dm:
             denoiser = torch.compile(denoiser)
+        is_terminal = termination_fn(data.task)
+        dm_bf16 = args.dm_bf16 and device.type == "cuda"  # bf16 convolutions are slow on most CPUs
 
     # Networks
     actor = TanhGaussianPolicy(obs_dim, A, max_action).to(device)
@@ -480,50 +346,16 @@ if __name__ == "__main__":
         """max_action * tanh(mean): the action evaluated in the environment."""
         return actor((obs - obs_mean) / obs_std, deterministic=True)[0]
 
-    start_step, evaluations, time_before = 0, [], 0.0
-    modules = ((actor, "actor"), (qf1, "qf1"), (qf2, "qf2"), (qf1_target, "qf1_target"), (qf2_target, "qf2_target"),
-               (log_alpha, "log_alpha"), (log_alpha_prime, "log_alpha_prime"), (q_optimizer, "q_optimizer"),
-               (actor_optimizer, "actor_optimizer"), (alpha_optimizer, "alpha_optimizer"),
-               (alpha_prime_optimizer, "alpha_prime_optimizer"), (synthetic, "synthetic"))
-    if run_dir is not None:
-        ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-        for module, key in modules:
-            module.load_state_dict(ckpt[key])
-        set_rng_state(ckpt["rng"], gen)
-        start_step, evaluations = ckpt["step"], ckpt["evaluations"]
-        time_before = ckpt.get("wall_time_s", 0.0)  # training time of the earlier sittings
-        run_name = run_dir.name
-        print(f"resuming {run_dir} at step {start_step:,}")
-    else:
-        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = Path(args.runs_dir) / run_name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
-
-    wandb_run = None
-    if args.track:
-        import wandb
-
-        wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
-                               config=vars(args), name=run_name, id=run_name.replace("/", "_")[-64:], resume="allow",
-                               save_code=True)
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
-
-    def log(metrics, step, picture=None):
-        metrics_file.write(json.dumps({"step": step, **metrics}) + "\n")
-        metrics_file.flush()
-        if wandb_run is not None:
-            if picture is not None:
-                import wandb
-
-                metrics = dict(metrics, **{"dydiff/trajectories": wandb.Image(str(picture))})
-            wandb_run.log(metrics, step=step)
+    # The run folder: a new one, or the killed run of --resume with everything its checkpoint holds
+    run = Run(args, dict(actor=actor, qf1=qf1, qf2=qf2, qf1_target=qf1_target, qf2_target=qf2_target,
+                         log_alpha=log_alpha, log_alpha_prime=log_alpha_prime, q_optimizer=q_optimizer,
+                         actor_optimizer=actor_optimizer, alpha_optimizer=alpha_optimizer,
+                         alpha_prime_optimizer=alpha_prime_optimizer, synthetic=synthetic), gen)
 
     # Training loop
-    start_time, sps_steps = time.time(), 0
-    for global_step in tqdm(range(start_step, args.total_steps), initial=start_step, total=args.total_steps,
-                            desc=run_name, mininterval=5.0):
-        # DyDiff rollout step (paper Algorithm 1)
+    for global_step in tqdm(range(run.start_step, args.total_steps), initial=run.start_step, total=args.total_steps,
+                            desc=run.name, mininterval=5.0):
+        # ---- DyDiff rollout step (paper Algorithm 1; the same text in the three scripts) ----
         if args.dydiff and global_step % args.rollout_freq == 0:
             t0 = time.time()
             B_r, L = args.rollout_batch_size, args.rollout_length
@@ -535,11 +367,8 @@ if __name__ == "__main__":
                 states, actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
                 # c. M rounds: DM states given (s_0, actions), then relabel every action with a_t ~ pi(.|s_t)
                 for _ in range(args.num_iterations):
-                    cond = torch.cat([s0[:, None, :].expand(B_r, L, S), actions], dim=-1)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dm_bf16):
-                        x = edm_sampler(denoiser, dm_normalizer.normalize(cond), cond_mask,
-                                        num_steps=args.sampler_steps, S_churn=args.sampler_churn, generator=gen)
-                    new_states = torch.cat([s0[:, None], dm_normalizer.unnormalize(x)[:, 1:, :S]], dim=1)
+                    new_states = refine_states(denoiser, dm_normalizer, s0, actions, args.sampler_steps,
+                                               args.sampler_churn, gen, bf16=dm_bf16)
                     states = 0.5 * (states + new_states) if args.average_with_previous else new_states
                     obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
                     actions = policy(obs.reshape(B_r * L, obs_dim)).reshape(B_r, L, A)
@@ -562,10 +391,11 @@ if __name__ == "__main__":
             }
             rollout_metrics["dydiff/rollout_time"] = time.time() - t0
             picture = None
-            if data.task == "pointmaze" and (global_step % args.eval_freq == 0 or global_step == start_step):
-                picture = run_dir / "synthetic_trajectories.png"
+            if data.task == "pointmaze" and (global_step % args.eval_freq == 0 or global_step == run.start_step):
+                picture = run.dir / "synthetic_trajectories.png"
                 rollout_metrics["dydiff/wall_crossing_share"] = maze_picture(data, states, keep, picture)
-            log(rollout_metrics, global_step, picture)
+            run.log(rollout_metrics, global_step, picture)
+        # ---- end of the DyDiff rollout step ----
 
         # CQL update
         batch, n_syn = mixed_batch(real, synthetic, args.batch_size, args.real_ratio, gen)
@@ -623,7 +453,6 @@ if __name__ == "__main__":
             for net, target in ((qf1, qf1_target), (qf2, qf2_target)):
                 for p, tp in zip(net.parameters(), target.parameters()):
                     tp.lerp_(p, args.tau)
-        sps_steps += 1
 
         # Logging, evaluation and checkpoint
         step = global_step + 1
@@ -636,33 +465,18 @@ if __name__ == "__main__":
                       "losses/log_pi": log_pi.mean().item(), "losses/alpha": alpha.item(),
                       "losses/alpha_loss": alpha_loss.item(), "losses/qf1_values": q1_pred.mean().item(),
                       "charts/synthetic_in_batch": n_syn / args.batch_size,
-                      "charts/SPS": sps_steps / (time.time() - start_time)}
+                      "charts/SPS": run.sps(step)}
             if args.cql_lagrange:
                 losses["losses/alpha_prime"] = alpha_prime.item()
                 losses["losses/alpha_prime_loss"] = alpha_prime_loss.item()
-            log(losses, step)
+            run.log(losses, step)
         if step % args.eval_freq == 0 or step == args.total_steps:
             actor.eval()
             with torch.no_grad():
                 _, scores_eval = evaluate(numpy_policy(policy_deterministic, device), eval_envs, args.seed * 10_000 + step,
                                           data.ref_min_score, data.ref_max_score)
             actor.train()
-            evaluations.append(float(scores_eval.mean()))
-            log({"eval/normalized_score": float(scores_eval.mean()), "eval/normalized_score_std": float(scores_eval.std())}, step)
-            print(f"step {step:,}: normalized score {scores_eval.mean():.1f} ± {scores_eval.std():.1f}")
-            atomic_save(dict(**{key: module.state_dict() for module, key in modules}, rng=rng_state(gen), step=step,
-                             evaluations=evaluations, wall_time_s=time_before + time.time() - start_time), run_dir / "checkpoint.pt")
+            run.evaluated(scores_eval, step)  # logs, prints and writes the checkpoint
 
-    final = float(np.mean(evaluations[-5:])) if evaluations else float("nan")
-    result = dict(env_id=args.env_id, seed=args.seed, dydiff=args.dydiff, num_iterations=args.num_iterations,
-                  cql_lagrange=args.cql_lagrange, final_normalized_score=final, evaluations=evaluations,
-                  wall_time_s=time_before + time.time() - start_time,
-                  total_steps=args.total_steps)
-    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
-    atomic_save(dict(actor=actor.state_dict(), obs_mean=obs_mean.cpu(), obs_std=obs_std.cpu(), args=asdict(args)),
-                run_dir / "final_policy.pt")
-    print(f"final normalized score (mean of the last 5 evaluations): {final:.1f}; run folder {run_dir}")
-    if wandb_run is not None:
-        wandb_run.summary["final_normalized_score"] = final
-        wandb_run.finish()
-    metrics_file.close()
+    run.finish(dict(actor=actor.state_dict(), obs_mean=obs_mean.cpu(), obs_std=obs_std.cpu()),
+               cql_lagrange=args.cql_lagrange)

@@ -27,7 +27,7 @@ from common.checkpoints import (MODEL_FILES, atomic_save, load_checkpoint, load_
                                 load_reward, models_folder, rng_state, set_rng_state)
 from common.datasets import OFFLINE_ENV_VAR, gather_windows, load_dataset, segment_windows
 from common.dynamics import EnsembleDynamics, RewardModel
-from common.edm import EMA, MinMaxNormalizer, build_denoiser, condition_mask, edm_loss, edm_sampler
+from common.edm import EMA, MinMaxNormalizer, build_denoiser, condition_mask, edm_loss, refine_states
 from common.envs import replay_actions, step_from
 from common.pointmaze import crosses_wall
 
@@ -66,7 +66,7 @@ class Args:
     """continue an interrupted pretraining (models already finished are kept)"""
 
     # Diffusion model (EDM, paper Table 3)
-    horizon: int = 100
+    rollout_length: int = 100
     """L: length of the trajectory windows the DM generates"""
     dm_dim: int = 128
     """width of the temporal U-Net (paper: 128)"""
@@ -176,14 +176,14 @@ def model_meta(args, data, **extra):
 
 def dm_config(args) -> dict:
     """The DM's shape, as saved in dm.pt and dm_train.pt: what must match to keep or resume a DM."""
-    return dict(horizon=args.horizon, dim=args.dm_dim, dim_mults=list(args.dm_dim_mults), sigma_data=args.sigma_data,
+    return dict(horizon=args.rollout_length, dim=args.dm_dim, dim_mults=list(args.dm_dim_mults), sigma_data=args.sigma_data,
                 full_res_skip=args.dm_full_res_skip, padding_mode=args.dm_padding, cond_channels=args.dm_cond_channels,
                 relative_states=args.dm_relative_states)
 
 
 def train_dm(args, data, train_segs, device, folder, log):
     """Train the EDM denoiser on training windows; resumable from {folder}/dm_train.pt."""
-    S, A, L = data.state_dim, data.action_dim, args.horizon
+    S, A, L = data.state_dim, data.action_dim, args.rollout_length
     states = torch.as_tensor(data.observations[:, :S], device=device)
     actions = torch.as_tensor(data.actions, device=device)
     next_states = torch.as_tensor(data.next_observations[:, :S], device=device)
@@ -251,21 +251,6 @@ def train_dm(args, data, train_segs, device, folder, log):
     return ema.module.eval(), normalizer
 
 
-def sample_states(denoiser, normalizer, s0, actions, args, gen, num_steps=None, churn=None):
-    """DM states s_0..s_{L-1} given s0 [B, S] and actions [B, L, A] (raw units), by Algorithm 2, with N steps and
-    S_churn from args unless given."""
-    B, L, A = actions.shape
-    S = s0.shape[1]
-    cond = torch.cat([s0[:, None, :].expand(B, L, S), actions], dim=-1)
-    mask = condition_mask(L, S, A, device=s0.device)
-    with torch.autocast(s0.device.type, dtype=torch.bfloat16, enabled=args.dm_bf16 and s0.device.type == "cuda"):
-        x = edm_sampler(denoiser, normalizer.normalize(cond), mask, generator=gen,
-                        num_steps=args.sampler_steps if num_steps is None else num_steps,
-                        S_churn=args.sampler_churn if churn is None else churn)
-    states = normalizer.unnormalize(x)[..., :S]
-    return torch.cat([s0[:, None], states[:, 1:]], dim=1)  # s0 exactly, not its normalize round trip
-
-
 def state_error(pred, true):
     """Mean over windows of the squared state error at each horizon t: [L]."""
     return ((np.asarray(pred, dtype=np.float64) - np.asarray(true, dtype=np.float64)) ** 2).sum(-1).mean(0)
@@ -274,7 +259,7 @@ def state_error(pred, true):
 @torch.no_grad()
 def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_model, device, folder, log):
     """Held-out losses and state error versus horizon; writes report.json and report.png."""
-    S, A, L = data.state_dim, data.action_dim, args.horizon
+    S, A, L = data.state_dim, data.action_dim, args.rollout_length
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     rng = np.random.default_rng(args.seed + 1)
     n0 = int(held_segs[0].min())
@@ -304,7 +289,7 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     # (a) Held-out dataset windows: the dataset's own actions, ground truth = the dataset's states.
     full = np.flatnonzero(h_lengths == L)
     if len(full) == 0:
-        raise ValueError(f"no held-out segment is {L} steps long; raise --holdout-fraction or lower --horizon")
+        raise ValueError(f"no held-out segment is {L} steps long; raise --holdout-fraction or lower --rollout-length")
     pick = rng.choice(full, size=min(args.report_windows, len(full)), replace=False)
     x, _ = gather_windows(data.observations[:, :S], data.actions, data.next_observations[:, :S], h_starts[pick], h_lengths[pick], L)
     x = torch.as_tensor(x, device=device)
@@ -313,7 +298,8 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     for t in range(L - 1):
         ens.append(dynamics.predict(ens[-1], acts[:, t], generator=gen))
     ens = torch.stack(ens, 1)
-    dm = sample_states(denoiser, normalizer, true_states[:, 0], acts, args, gen)
+    dm = refine_states(denoiser, normalizer, true_states[:, 0], acts, args.sampler_steps, args.sampler_churn, gen,
+                       bf16=args.dm_bf16 and device.type == "cuda")
     copy_s0 = true_states[:, :1].expand_as(true_states)  # the baseline that predicts no motion at all
     curves = {"dataset/ensemble": state_error(ens.cpu(), true_states.cpu()), "dataset/dm": state_error(dm.cpu(), true_states.cpu()),
               "dataset/copy_s0": state_error(copy_s0.cpu(), true_states.cpu())}
@@ -353,7 +339,8 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
                     "policy/real": real_states, "policy/ensemble": ens_states.cpu().numpy()}
     actions = ens_actions
     for k in range(1, args.report_iterations + 1):
-        states_k = sample_states(denoiser, normalizer, s0, actions, args, gen)
+        states_k = refine_states(denoiser, normalizer, s0, actions, args.sampler_steps, args.sampler_churn, gen,
+                                 bf16=args.dm_bf16 and device.type == "cuda")
         curves[f"policy/dm_M{k}"] = state_error(states_k.cpu(), replay(actions))
         if k == 1:
             validity["policy/dm_M1"] = one_step(states_k, actions)
@@ -407,8 +394,8 @@ def plot_report(curves, path, title):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if args.horizon < 2:
-        raise SystemExit(f"--horizon must be >= 2, got {args.horizon}")
+    if args.rollout_length < 2:
+        raise SystemExit(f"--rollout-length must be >= 2, got {args.rollout_length}")
     if not 0.0 < args.holdout_fraction < 0.5:
         raise SystemExit(f"--holdout-fraction must be in (0, 0.5), got {args.holdout_fraction}")
     if args.dyn_elites > args.dyn_members:
@@ -420,7 +407,7 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     try:
-        data = load_dataset(args.env_id, num_steps=args.dataset_steps)
+        data = load_dataset(args.env_id, dataset_steps=args.dataset_steps)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e))
     folder = models_folder(args.models_dir, args.env_id)
@@ -465,7 +452,7 @@ if __name__ == "__main__":
                 load_model_file(folder, name, data.fingerprint)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(str(e))
-        args.horizon, args.dm_dim, args.dm_dim_mults, args.dm_steps = (
+        args.rollout_length, args.dm_dim, args.dm_dim_mults, args.dm_steps = (
             dm_info["horizon"], dm_info["dim"], tuple(dm_info["dim_mults"]), dm_info["steps"])
         args.holdout_fraction = dm_info["args"]["holdout_fraction"]
         args.dm_full_res_skip, args.dm_padding, args.dm_cond_channels, args.dm_relative_states = (
@@ -522,7 +509,7 @@ if __name__ == "__main__":
     report = model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_model, device, folder, log)
     timings["report_s"] = time.time() - t0
     print(json.dumps({k: report[k] for k in ("dm_heldout_loss", "reward_heldout_mse", "dynamics_heldout_mse_per_member",
-                                             f"state_error_at_{args.horizon - 1}")}, indent=1))
+                                             f"state_error_at_{args.rollout_length - 1}")}, indent=1))
     print("one-step error of generated transitions vs the real simulator, by position in the window "
           "(generated / copy s_t / ensemble):")
     for name, kinds in report["one_step_error"].items():

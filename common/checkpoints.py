@@ -113,3 +113,36 @@ def load_reward(folder, fingerprint: str | None = None, device="cpu"):
     model = RewardModel(**ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval()
+
+
+def load_or_pretrain_models(args, data, device):
+    """DyDiff's three pretrained models for `data`, from {args.models_dir}/{env_id}/, made first if missing.
+
+    A missing model is made by running `pretrain_models.py` (with `args.pretrain_args`) in a subprocess.
+    Returns (denoiser, dm_normalizer, dynamics, reward_model); stops with one message when the models were
+    made for other data or for another rollout length.
+    """
+    import shlex
+    import subprocess
+    import sys
+
+    folder = models_folder(args.models_dir, args.env_id)
+    if not all((folder / f).exists() for f in MODEL_FILES.values()):
+        script = Path(__file__).resolve().parents[1] / "pretrain_models.py"
+        cmd = [sys.executable, str(script), "--env-id", args.env_id, "--models-dir", args.models_dir,
+               "--dataset-steps", str(args.dataset_steps), "--rollout-length", str(args.rollout_length),
+               *shlex.split(args.pretrain_args)]
+        print(f"no pretrained models in {folder}: making them first (to do it separately: {shlex.join(cmd[1:])})")
+        if subprocess.run(cmd).returncode != 0:
+            raise SystemExit("pretraining failed; see its message above")
+    try:
+        denoiser, dm_normalizer, dm_info = load_dm(folder, data.fingerprint, device)
+        dynamics = load_dynamics(folder, data.fingerprint, device)
+        reward_model = load_reward(folder, data.fingerprint, device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e))
+    if dm_info["horizon"] != args.rollout_length:
+        raise SystemExit(f"the DM in {folder} was trained with L={dm_info['horizon']}, not --rollout-length "
+                         f"{args.rollout_length}; use --rollout-length {dm_info['horizon']} or pretrain with "
+                         f"--rollout-length {args.rollout_length}")
+    return denoiser, dm_normalizer, dynamics, reward_model

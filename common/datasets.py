@@ -42,11 +42,11 @@ class DatasetSpec:
     maze: str | None = None  # PointMaze layout, when the data can be generated locally
     dense: bool = False
 
-    def local_id(self, num_steps: int = pointmaze.DEFAULT_STEPS, seed: int = pointmaze.DEFAULT_SEED) -> str | None:
+    def local_id(self, dataset_steps: int = pointmaze.DEFAULT_STEPS, seed: int = pointmaze.DEFAULT_SEED) -> str | None:
         """Minari id of the locally generated PointMaze dataset (never the official id)."""
         if self.maze is None:
             return None
-        tag = "" if (num_steps, seed) == (pointmaze.DEFAULT_STEPS, pointmaze.DEFAULT_SEED) else f"-{num_steps}steps-seed{seed}"
+        tag = "" if (dataset_steps, seed) == (pointmaze.DEFAULT_STEPS, pointmaze.DEFAULT_SEED) else f"-{dataset_steps}steps-seed{seed}"
         return f"local/pointmaze/{self.maze}{'-dense' if self.dense else ''}{tag}-{pointmaze.RECIPE}"
 
 
@@ -109,13 +109,13 @@ def remote_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _fetch(spec: DatasetSpec, offline: bool, generate: bool, num_steps: int, seed: int, progress: bool) -> list[str]:
+def _fetch(spec: DatasetSpec, offline: bool, generate: bool, dataset_steps: int, seed: int, progress: bool) -> list[str]:
     """Make every Minari dataset of `spec` available locally; return the ids to load."""
     import minari
 
     if all(_is_local(i) for i in spec.minari_ids):
         return list(spec.minari_ids)
-    local_id = spec.local_id(num_steps, seed)
+    local_id = spec.local_id(dataset_steps, seed)
     if local_id and _is_local(local_id):
         return [local_id]
     if not offline and remote_reachable():
@@ -129,10 +129,10 @@ def _fetch(spec: DatasetSpec, offline: bool, generate: bool, num_steps: int, see
     if local_id and generate:
         print(
             f"[dydiff] {spec.minari_ids[0]} is not available offline; generating {local_id} "
-            f"({num_steps:,} steps, seed {seed}) into {datasets_root()} — later runs load it from there.",
+            f"({dataset_steps:,} steps, seed {seed}) into {datasets_root()} — later runs load it from there.",
             file=sys.stderr,
         )
-        pointmaze.generate_dataset(local_id, spec.maze, spec.dense, num_steps=num_steps, seed=seed, progress=progress)
+        pointmaze.generate_dataset(local_id, spec.maze, spec.dense, dataset_steps=dataset_steps, seed=seed, progress=progress)
         return [local_id]
     missing = [i for i in spec.minari_ids if not _is_local(i)]
     raise FileNotFoundError(
@@ -190,6 +190,21 @@ class OfflineData:
         for a in (self.observations, self.actions, self.rewards, self.terminals, self.segment_starts):
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()[:16]
+
+    def tensors(self, device) -> dict:
+        """The whole dataset as tensors on `device`: obs, actions, rewards, next_obs, dones (terminals, float)."""
+        return dict(obs=torch.as_tensor(self.observations, device=device),
+                    actions=torch.as_tensor(self.actions, device=device),
+                    rewards=torch.as_tensor(self.rewards, device=device),
+                    next_obs=torch.as_tensor(self.next_observations, device=device),
+                    dones=torch.as_tensor(self.terminals, dtype=torch.float32, device=device))
+
+    def observation_stats(self, normalize: bool, device) -> tuple:
+        """(mean, std) of the observations for z-scoring them, as float32 tensors; (0, 1) when not `normalize`."""
+        mean = self.observations.mean(0) if normalize else np.zeros(self.obs_dim)
+        std = self.observations.std(0) + 1e-3 if normalize else np.ones(self.obs_dim)
+        return (torch.as_tensor(mean, dtype=torch.float32, device=device),
+                torch.as_tensor(std, dtype=torch.float32, device=device))
 
     def make_eval_env(self):
         """The dataset's real evaluation environment."""
@@ -366,30 +381,30 @@ def _load_flat(dataset_ids: list[str], env_id: str) -> OfflineData:
 
 
 def load_dataset(env_id: str, offline: bool | None = None, generate: bool = True,
-                 num_steps: int = pointmaze.DEFAULT_STEPS, seed: int = pointmaze.DEFAULT_SEED,
+                 dataset_steps: int = pointmaze.DEFAULT_STEPS, seed: int = pointmaze.DEFAULT_SEED,
                  progress: bool = True) -> OfflineData:
     """Load `env_id` (D4RL-style name or Minari id) as OfflineData, fetching or generating it if needed.
 
     offline: skip the download attempt (default: the DYDIFF_OFFLINE environment variable).
-    num_steps, seed: size and seed of a locally generated PointMaze dataset (tests use ~10k steps).
+    dataset_steps, seed: size and seed of a locally generated PointMaze dataset (tests use ~10k steps).
     """
     spec = resolve_env_id(env_id)
     if offline is None:
         offline = os.environ.get(OFFLINE_ENV_VAR, "0").lower() not in ("", "0", "false", "no")
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if dataset_steps < 1:
+        raise ValueError(f"dataset_steps must be >= 1, got {dataset_steps}")
     register_envs()
-    ids = _fetch(spec, offline, generate, num_steps, seed, progress)
+    ids = _fetch(spec, offline, generate, dataset_steps, seed, progress)
     return _load_flat(ids, env_id)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Make (if needed) and summarise datasets: python -m common.datasets maze2d-umaze [...] [--steps N]."""
+    """Make (if needed) and summarise datasets: python -m common.datasets maze2d-umaze [...] [--dataset-steps N]."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("env_ids", nargs="+", help="--env-id names, e.g. maze2d-umaze maze2d-medium maze2d-large")
-    parser.add_argument("--steps", type=int, default=pointmaze.DEFAULT_STEPS, help="steps of a generated PointMaze dataset")
+    parser.add_argument("--dataset-steps", type=int, default=pointmaze.DEFAULT_STEPS, help="steps of a generated PointMaze dataset")
     parser.add_argument("--seed", type=int, default=pointmaze.DEFAULT_SEED, help="seed of a generated PointMaze dataset")
     parser.add_argument("--offline", action="store_true", help="do not try to download")
     args = parser.parse_args(argv)
@@ -398,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         import time
 
         t0 = time.time()
-        data = load_dataset(env_id, offline=args.offline or None, num_steps=args.steps, seed=args.seed)
+        data = load_dataset(env_id, offline=args.offline or None, dataset_steps=args.dataset_steps, seed=args.seed)
         episodes = len(data.episode_starts)
         print(
             f"{env_id}: {', '.join(data.dataset_ids)} | {data.size:,} steps, {episodes:,} episodes, "

@@ -39,10 +39,10 @@ def _make_generator(seed: int | None) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _split(n: int, holdout_ratio: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random (train, holdout) index split; holdout is empty only when holdout_ratio is 0."""
+def _split(n: int, holdout_fraction: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (train, holdout) index split; holdout is empty only when holdout_fraction is 0."""
     perm = torch.randperm(n, generator=g)
-    n_hold = 0 if holdout_ratio <= 0 else min(max(int(n * holdout_ratio), 1), n - 1)
+    n_hold = 0 if holdout_fraction <= 0 else min(max(int(n * holdout_fraction), 1), n - 1)
     return perm[n_hold:], perm[:n_hold]
 
 
@@ -232,7 +232,7 @@ class EnsembleDynamics(nn.Module):
 
     # ---------------------------------------------------------------- training
 
-    def fit(self, states, actions, next_states, holdout_ratio: float = 0.1, batch_size: int = 256,
+    def fit(self, states, actions, next_states, holdout_fraction: float = 0.1, batch_size: int = 256,
             max_epochs: int | None = None, max_steps: int | None = None, patience: int = 5, lr: float = 1e-3,
             weight_decay: float = 5e-5, logvar_bound_coef: float = 0.01, bootstrap: bool = True,
             progress: bool = True, seed: int | None = None) -> dict:
@@ -244,7 +244,7 @@ class EnsembleDynamics(nn.Module):
         """
         g = _make_generator(seed)
         s, a, s2 = (_as_tensor(x, self.device) for x in (states, actions, next_states))
-        train_idx, hold_idx = _split(len(s), holdout_ratio, g)
+        train_idx, hold_idx = _split(len(s), holdout_fraction, g)
         train_idx, hold_idx = train_idx.to(self.device), hold_idx.to(self.device)
         # Normalizer statistics from the training split only: the held-out split stays unseen.
         in_mean, in_std = _mean_std(torch.cat([s, a], dim=-1)[train_idx])
@@ -359,7 +359,7 @@ class RewardModel(nn.Module):
                  .pow(2).sum().item() for i in range(0, len(x_norm), EVAL_CHUNK))
         return sq / max(len(x_norm), 1)
 
-    def fit(self, observations, actions, rewards, holdout_ratio: float = 0.1, batch_size: int = 256,
+    def fit(self, observations, actions, rewards, holdout_fraction: float = 0.1, batch_size: int = 256,
             max_steps: int = 100_000, eval_every: int = 1000, patience: int = 10, lr: float = 1e-3,
             weight_decay: float = 0.0, progress: bool = True, seed: int | None = None) -> dict:
         """Regress rewards (MSE on z-scored rewards), early stopping on held-out MSE; keeps the best weights.
@@ -369,7 +369,7 @@ class RewardModel(nn.Module):
         g = _make_generator(seed)
         x = torch.cat([_as_tensor(observations, self.device), _as_tensor(actions, self.device)], dim=-1)
         r = _as_tensor(rewards, self.device).reshape(-1)
-        train_idx, hold_idx = _split(len(x), holdout_ratio, g)
+        train_idx, hold_idx = _split(len(x), holdout_fraction, g)
         train_idx, hold_idx = train_idx.to(self.device), hold_idx.to(self.device)
         mean, std = _mean_std(x[train_idx])
         self.input_mean.copy_(mean), self.input_std.copy_(std)

@@ -344,6 +344,26 @@ def edm_sampler(denoiser, cond: torch.Tensor, cond_mask: torch.Tensor, num_steps
     return x_next
 
 
+@torch.no_grad()
+def refine_states(denoiser, normalizer: MinMaxNormalizer, s0: torch.Tensor, actions: torch.Tensor,
+                  num_steps: int = 34, S_churn: float = 60.0, generator: torch.Generator | None = None,
+                  bf16: bool = False) -> torch.Tensor:
+    """One DM refinement of DyDiff (paper Alg. 1, step c): the states of a window given s_0 and the actions.
+
+    s0 [B, S] and actions [B, L, A] in raw units; returns states [B, L, S] in raw units whose row 0 is s0
+    exactly (not its normalize round trip). `bf16` runs the network in bfloat16 autocast; the sampler's
+    own arithmetic stays float32.
+    """
+    B, L, A = actions.shape
+    S = s0.shape[1]
+    cond = torch.cat([s0[:, None, :].expand(B, L, S), actions], dim=-1)
+    mask = condition_mask(L, S, A, device=s0.device)
+    with torch.autocast(s0.device.type, dtype=torch.bfloat16, enabled=bf16):
+        x = edm_sampler(denoiser, normalizer.normalize(cond), mask, num_steps=num_steps, S_churn=S_churn,
+                        generator=generator)
+    return torch.cat([s0[:, None], normalizer.unnormalize(x)[:, 1:, :S]], dim=1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # EMA of weights
 # ---------------------------------------------------------------------------------------------------------

@@ -243,10 +243,10 @@ def reference_scores(maze: str, dense: bool = False, rng: np.random.RandomState 
     return ref_min, ref_max
 
 
-def collect(maze: str, dense: bool = False, num_steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED,
+def collect(maze: str, dense: bool = False, dataset_steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED,
             solver: str = DEFAULT_SOLVER, checkpoint_every: int = CHECKPOINT_EVERY, ref_episodes: int = REF_EPISODES,
             progress: bool = True) -> tuple[gym.Env, list[dict], tuple[float, float] | None]:
-    """Run the noisy expert for `num_steps` steps as create_pointmaze_dataset.py does.
+    """Run the noisy expert for `dataset_steps` steps as create_pointmaze_dataset.py does.
 
     Returns the env, the episodes (dicts of arrays, as Minari's DataCollector records them) and the
     reference scores (None when ref_episodes is 0).
@@ -266,20 +266,20 @@ def collect(maze: str, dense: bool = False, num_steps: int = DEFAULT_STEPS, seed
     register_envs()
     # create_pointmaze_dataset.py: a continuing task with a new goal at each success; the time limit is the
     # dataset's size, so it never ends an episode before the last step.
-    env = gym.make(gym_env_id(maze, dense), continuing_task=True, reset_target=True, max_episode_steps=num_steps)
+    env = gym.make(gym_env_id(maze, dense), continuing_task=True, reset_target=True, max_episode_steps=dataset_steps)
     rng = np.random.RandomState(seed)  # the script's np.random.seed(seed): jitter and action noise
     controller = WaypointController(env.unwrapped.maze, rng, solver)
     obs, _ = env.reset(seed=seed)
     refs = None
     episodes, ep_obs, ep_act, ep_rew = [], [obs], [], []
-    for t in tqdm(range(num_steps), desc=f"generating maze2d-{maze}", unit="step", disable=not progress,
+    for t in tqdm(range(dataset_steps), desc=f"generating maze2d-{maze}", unit="step", disable=not progress,
                   mininterval=1.0):
         action = np.clip(controller.compute_action(obs) + rng.randn(2) * ACTION_NOISE_STD, -1.0, 1.0)
         obs, reward, _, truncated, info = env.step(action)
         ep_obs.append(obs)
         ep_act.append(action)
         ep_rew.append(reward)
-        checkpoint = (t + 1) % checkpoint_every == 0 or t + 1 == num_steps
+        checkpoint = (t + 1) % checkpoint_every == 0 or t + 1 == dataset_steps
         if info["success"] or truncated or checkpoint:
             episodes.append(_episode(ep_obs, ep_act, ep_rew))
             ep_obs, ep_act, ep_rew = [obs], [], []
@@ -288,14 +288,14 @@ def collect(maze: str, dense: bool = False, num_steps: int = DEFAULT_STEPS, seed
                 tqdm.write(f"[dydiff] reference scores: {ref_episodes} random and {ref_episodes} expert episodes "
                            "of the evaluation env")
             refs = reference_scores(maze, dense, rng, solver, ref_episodes)
-        if checkpoint and t + 1 < num_steps:
+        if checkpoint and t + 1 < dataset_steps:
             seed += 1
             obs, _ = env.reset(seed=seed)
             ep_obs = [obs]
     return env, episodes, refs
 
 
-def generate_dataset(dataset_id: str, maze: str, dense: bool = False, num_steps: int = DEFAULT_STEPS,
+def generate_dataset(dataset_id: str, maze: str, dense: bool = False, dataset_steps: int = DEFAULT_STEPS,
                      seed: int = DEFAULT_SEED, solver: str = DEFAULT_SOLVER, checkpoint_every: int = CHECKPOINT_EVERY,
                      progress: bool = True):
     """Collect and store a PointMaze dataset as a Minari dataset under `dataset_id` (see `collect`)."""
@@ -303,7 +303,7 @@ def generate_dataset(dataset_id: str, maze: str, dense: bool = False, num_steps:
     from minari.data_collector import EpisodeBuffer
     from minari.storage import get_dataset_path
 
-    env, episodes, (ref_min, ref_max) = collect(maze, dense, num_steps, seed, solver, checkpoint_every,
+    env, episodes, (ref_min, ref_max) = collect(maze, dense, dataset_steps, seed, solver, checkpoint_every,
                                                 REF_EPISODES, progress)
     buffers = [EpisodeBuffer(id=i, infos={}, **ep) for i, ep in enumerate(episodes)]
     eval_env = make_eval_env(maze, dense)
@@ -327,7 +327,7 @@ def generate_dataset(dataset_id: str, maze: str, dense: bool = False, num_steps:
                 algorithm_name=f"{solver} waypoints + PD controller + N(0, {ACTION_NOISE_STD}) action noise",
                 description=(
                     f"Local re-creation of D4RL/pointmaze/{maze}{'-dense' if dense else ''}-v2 with Minari's "
-                    f"generation rules: {num_steps} steps, seed {seed}, {solver} solver, continuing task with a "
+                    f"generation rules: {dataset_steps} steps, seed {seed}, {solver} solver, continuing task with a "
                     f"new goal after each success (truncation), a reset every {checkpoint_every} steps."
                 ),
                 data_format="hdf5",
@@ -349,3 +349,38 @@ def generate_dataset(dataset_id: str, maze: str, dense: bool = False, num_steps:
     env.close()
     eval_env.close()
     return minari.load_dataset(dataset_id)
+
+
+def maze_picture(data, states, keep, path):
+    """PointMaze: sampled synthetic trajectories over the maze walls; returns the share crossing a wall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env = data.make_eval_env()
+    maze = env.unwrapped.maze
+    walls = wall_cells(maze)
+    xy = states[..., :2].cpu().numpy()
+    crossing = crosses_wall(maze, xy)
+    fig, ax = plt.subplots(figsize=(5, 5 * walls.shape[0] / walls.shape[1]))
+    s = maze.maze_size_scaling
+    for i, j in zip(*np.nonzero(walls)):
+        x, y = maze.cell_rowcol_to_xy(np.array([i, j]))
+        ax.add_patch(plt.Rectangle((x - s / 2, y - s / 2), s, s, color="0.3"))
+    kept = np.zeros(len(xy), dtype=bool)
+    kept[keep.cpu().numpy()] = True
+    for n in range(min(64, len(xy))):
+        ax.plot(xy[n, :, 0], xy[n, :, 1], lw=0.8, color=("tab:red" if crossing[n] else "tab:blue"),
+                alpha=0.9 if kept[n] else 0.3)
+    ax.set_aspect("equal")
+    ax.set_xlim(-maze.x_map_center, maze.x_map_center)
+    ax.set_ylim(-maze.y_map_center, maze.y_map_center)
+    ax.set_title(f"synthetic trajectories (red: through a wall, {crossing.mean():.0%}; faint: filtered out)", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name)
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    env.close()
+    return float(crossing.mean())

@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common.checkpoints import load_model_file  # noqa: E402
 from common.dynamics import EnsembleDynamics, RewardModel  # noqa: E402
-from common.edm import EDMPrecond, TemporalUnet, condition_mask, edm_sampler  # noqa: E402
+from common.edm import EDMPrecond, MinMaxNormalizer, TemporalUnet, condition_mask, edm_sampler, refine_states  # noqa: E402
 from common.envs import evaluate, flatten_obs, numpy_policy, termination_fn, vector_env  # noqa: E402
-from dydiff_td3bc import (Actor, Critic, SyntheticBuffer, alive_mask, cuda_graphed, filter_trajectories,  # noqa: E402
-                          make_update_fns, mixed_batch)
+from common.buffer import SyntheticBuffer  # noqa: E402
+from common.cudagraphs import cuda_graphed  # noqa: E402
+from dydiff_td3bc import Actor, Critic, alive_mask, filter_trajectories, make_update_fns, mixed_batch  # noqa: E402
 
 S, CONTEXT, A = 4, 2, 2  # maze2d: physical state (x, y, vx, vy), goal (x, y), force (fx, fy)
 OBS = S + CONTEXT
@@ -61,7 +62,11 @@ class Args:
     rollout_length: int = 100
     """L"""
     sampler_steps: int = 34
-    """N: EDM sampler steps (2N - 1 network evaluations per sample)"""
+    """N: EDM sampler steps (2N - 1 network evaluations per sample; paper Table 3: 34)"""
+    sampler_churn: float = 60.0
+    """S_churn of the sampler (paper Table 3: 60)"""
+    average_with_previous: bool = False
+    """the rollout averages new DM states with the previous iteration's, as the scripts' flag of that name"""
     num_iterations: tuple[int, ...] = (1, 2)
     """M values for the sampler figures; the rollout and the projection use the first"""
     repeats: Optional[int] = None
@@ -216,15 +221,15 @@ def bench_rollout(args, device, denoiser, variants, results):
     B, L, M, N = args.rollout_batch_size, args.rollout_length, args.num_iterations[0], args.sampler_steps
     dynamics, reward_model, actor = rollout_parts(args, device)
     real_obs = torch.randn(args.real_size, OBS, device=device)
-    mask = condition_mask(L, S, A, device=device)
     is_terminal = termination_fn("pointmaze")
     gen = torch.Generator(device=device).manual_seed(0)
     synthetic = SyntheticBuffer(args.synthetic_size, OBS, A, device)
     net, bf16 = variants(denoiser.net)[args.rollout_variant]
     d = EDMPrecond(net, denoiser.sigma_data)
+    normalizer = MinMaxNormalizer(-torch.ones(S + A), torch.ones(S + A)).to(device)  # random data: identity scaling
 
     def rollout(timer, masked_insert=True):
-        """The rollout block of dydiff_td3bc.py; timer(name) closes the phase that just ended."""
+        """The rollout block of the training scripts, with their functions; timer(name) closes the phase that ended."""
         with torch.no_grad():
             idx = torch.randint(len(real_obs), (B,), device=device, generator=gen)
             s0, context = real_obs[idx, :S], real_obs[idx, S:]
@@ -232,10 +237,8 @@ def bench_rollout(args, device, denoiser, variants, results):
             states, actions = dynamics.rollout(actor, s0, L, context=context, generator=gen)
             timer("ensemble rollout")
             for _ in range(M):
-                cond = torch.cat([s0[:, None, :].expand(B, L, S), actions], dim=-1)
-                with autocast(device, bf16):
-                    x = edm_sampler(d, cond.clamp(-1, 1), mask, num_steps=N, generator=gen)
-                states = torch.cat([s0[:, None], x[:, 1:, :S]], dim=1)
+                new_states = refine_states(d, normalizer, s0, actions, N, args.sampler_churn, gen, bf16=bf16)
+                states = 0.5 * (states + new_states) if args.average_with_previous else new_states
                 timer("DM sampling")
                 obs = torch.cat([states, context[:, None].expand(B, L, -1)], dim=-1)
                 actions = actor(obs.reshape(B * L, OBS)).reshape(B, L, A)

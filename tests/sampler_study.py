@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from types import SimpleNamespace
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -37,7 +36,8 @@ from common.checkpoints import load_dm, load_dynamics, models_folder  # noqa: E4
 from common.datasets import gather_windows, load_dataset, segment_windows  # noqa: E402
 from common.edm import build_denoiser  # noqa: E402
 from common.envs import replay_actions  # noqa: E402
-from pretrain_models import RandomPolicy, sample_states, split_segments, state_error  # noqa: E402
+from common.edm import refine_states  # noqa: E402
+from pretrain_models import RandomPolicy, split_segments, state_error  # noqa: E402
 
 PAPER = (34, 60.0)  # Table 3: N, S_churn
 
@@ -111,18 +111,17 @@ def measure(args, data, folder):
 
     flops = forward_flops(denoiser, L, S + A)
     horizons = [1, L // 2, L - 1]
-    run_args = SimpleNamespace(dm_bf16=False)  # what sample_states reads besides N and S_churn
     points = []
     configs = [(N, churn) for N in args.steps for churn in args.churn]
     for N, churn in configs + ([PAPER] if PAPER not in configs else []):  # the paper's sampler is the reference
         errors = {"dataset": [], "policy_M1": [], "policy_M2": []}
         for seed in range(args.seeds):
             gen = torch.Generator().manual_seed(1000 + seed)
-            dm = sample_states(denoiser, normalizer, s0, acts, run_args, gen, num_steps=N, churn=churn)
+            dm = refine_states(denoiser, normalizer, s0, acts, N, churn, gen)
             errors["dataset"].append(state_error(dm, true_states))
             actions = first_actions
             for k in (1, 2):
-                states_k = sample_states(denoiser, normalizer, s0, actions, run_args, gen, num_steps=N, churn=churn)
+                states_k = refine_states(denoiser, normalizer, s0, actions, N, churn, gen)
                 errors[f"policy_M{k}"].append(state_error(states_k, replay(actions)))
                 obs_k = torch.cat([states_k, context[:, None].expand(-1, L, -1)], dim=-1).float()
                 actions = policy(obs_k.reshape(-1, data.obs_dim)).reshape(-1, L, A)
@@ -130,7 +129,7 @@ def measure(args, data, folder):
         times = []
         for _ in range(args.timing_repeats):
             t0 = time.perf_counter()
-            sample_states(denoiser, normalizer, s0, acts, run_args, gen, num_steps=N, churn=churn)
+            refine_states(denoiser, normalizer, s0, acts, N, churn, gen)
             times.append(time.perf_counter() - t0)
         point = dict(dim=info["dim"], dim_mults=info["dim_mults"], steps=N, churn=churn, nfe=2 * N - 1,
                      gflops_per_window=(2 * N - 1) * flops / 1e9,
@@ -159,7 +158,7 @@ def main(args: Args):
     torch.set_grad_enabled(False)
     first = models_folder(args.models_dirs[0], args.env_id)
     dataset_steps = torch.load(first / "dm.pt", map_location="cpu", weights_only=False)["args"]["dataset_steps"]
-    data = load_dataset(args.env_id, num_steps=dataset_steps, progress=False)
+    data = load_dataset(args.env_id, dataset_steps=dataset_steps, progress=False)
     results = []
     for models_dir in args.models_dirs:
         folder = models_folder(models_dir, args.env_id)

@@ -86,7 +86,7 @@ def test_remote_probe_fails_fast_without_network(monkeypatch):
 # ----------------------------------------------------------------------------- PointMaze generation
 @pytest.fixture(scope="module")
 def umaze():
-    return load_dataset("maze2d-umaze", num_steps=STEPS, seed=0, progress=False)
+    return load_dataset("maze2d-umaze", dataset_steps=STEPS, seed=0, progress=False)
 
 
 def _episodes(data):
@@ -104,9 +104,9 @@ def test_generated_pointmaze_is_a_minari_dataset(umaze):
 
 
 def test_generation_is_deterministic_for_a_seed():
-    _, a, _ = pointmaze.collect("umaze", num_steps=1500, seed=7, ref_episodes=0, progress=False)
-    _, b, _ = pointmaze.collect("umaze", num_steps=1500, seed=7, ref_episodes=0, progress=False)
-    _, c, _ = pointmaze.collect("umaze", num_steps=1500, seed=8, ref_episodes=0, progress=False)
+    _, a, _ = pointmaze.collect("umaze", dataset_steps=1500, seed=7, ref_episodes=0, progress=False)
+    _, b, _ = pointmaze.collect("umaze", dataset_steps=1500, seed=7, ref_episodes=0, progress=False)
+    _, c, _ = pointmaze.collect("umaze", dataset_steps=1500, seed=8, ref_episodes=0, progress=False)
     assert len(a) == len(b)
     for ea, eb in zip(a, b):
         np.testing.assert_array_equal(ea["actions"], eb["actions"])
@@ -181,7 +181,7 @@ def test_evaluation_starts_vary_over_the_free_cells_outside_the_goal_radius(maze
 
 
 def test_reloading_reuses_the_stored_dataset(umaze):
-    again = load_dataset("maze2d-umaze", num_steps=STEPS, seed=0, progress=False, generate=False)
+    again = load_dataset("maze2d-umaze", dataset_steps=STEPS, seed=0, progress=False, generate=False)
     assert again.fingerprint == umaze.fingerprint
     np.testing.assert_array_equal(again.observations, umaze.observations)
 
@@ -331,7 +331,7 @@ def test_flat_cache_is_written_and_a_broken_one_is_rebuilt(umaze):
     caches = list(folder.glob("dydiff-flat-*.npz"))
     assert len(caches) == 1
     caches[0].write_bytes(b"not an npz")
-    again = load_dataset("maze2d-umaze", num_steps=STEPS, seed=0, progress=False, generate=False)
+    again = load_dataset("maze2d-umaze", dataset_steps=STEPS, seed=0, progress=False, generate=False)
     assert again.fingerprint == umaze.fingerprint
     np.testing.assert_array_equal(again.segment_ends, umaze.segment_ends)
     with np.load(caches[0]) as z:  # rewritten as a valid cache

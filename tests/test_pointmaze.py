@@ -122,7 +122,7 @@ def test_a_goal_in_the_current_cell_is_aimed_at_directly():
 
 # ----------------------------------------------------------------------------- collection
 def test_actions_are_noisy_expert_actions_clipped_to_the_unit_box():
-    _, episodes, _ = pointmaze.collect("umaze", num_steps=400, ref_episodes=0, progress=False)
+    _, episodes, _ = pointmaze.collect("umaze", dataset_steps=400, ref_episodes=0, progress=False)
     actions = np.concatenate([e["actions"] for e in episodes])
     assert np.abs(actions).max() <= 1.0
     assert (np.abs(actions) == 1.0).mean() > 0.2  # kp = 10 saturates often
@@ -130,7 +130,7 @@ def test_actions_are_noisy_expert_actions_clipped_to_the_unit_box():
 
 
 def test_episodes_share_their_boundary_observation_as_minaris_collector_records_it():
-    _, episodes, _ = pointmaze.collect("umaze", num_steps=2000, ref_episodes=0, progress=False)
+    _, episodes, _ = pointmaze.collect("umaze", dataset_steps=2000, ref_episodes=0, progress=False)
     assert len(episodes) > 5
     for prev, ep in zip(episodes, episodes[1:]):
         for key in ("observation", "achieved_goal", "desired_goal"):
@@ -145,7 +145,7 @@ def test_episodes_share_their_boundary_observation_as_minaris_collector_records_
 
 def test_checkpoints_truncate_and_reset_with_the_next_seed():
     steps, every = 1000, 300
-    env, episodes, _ = pointmaze.collect("umaze", num_steps=steps, checkpoint_every=every, ref_episodes=0,
+    env, episodes, _ = pointmaze.collect("umaze", dataset_steps=steps, checkpoint_every=every, ref_episodes=0,
                                          progress=False)
     ends = np.cumsum([len(e["actions"]) for e in episodes])
     assert ends[-1] == steps
@@ -160,7 +160,7 @@ def test_checkpoints_truncate_and_reset_with_the_next_seed():
         np.testing.assert_array_equal(first["observation"][0], obs["observation"])
         np.testing.assert_array_equal(first["desired_goal"][0], obs["desired_goal"])
     # Without a checkpoint inside, the same run is one physical trajectory.
-    _, whole, _ = pointmaze.collect("umaze", num_steps=steps, checkpoint_every=10 * steps, ref_episodes=0,
+    _, whole, _ = pointmaze.collect("umaze", dataset_steps=steps, checkpoint_every=10 * steps, ref_episodes=0,
                                     progress=False)
     for prev, ep in zip(whole, whole[1:]):
         np.testing.assert_array_equal(ep["observations"]["observation"][0], prev["observations"]["observation"][-1])
@@ -169,7 +169,7 @@ def test_checkpoints_truncate_and_reset_with_the_next_seed():
 
 
 def test_reference_scores_are_computed_at_the_first_checkpoint_from_the_collection_random_state():
-    kwargs = dict(num_steps=400, checkpoint_every=200, progress=False)
+    kwargs = dict(dataset_steps=400, checkpoint_every=200, progress=False)
     _, without, refs0 = pointmaze.collect("umaze", ref_episodes=0, **kwargs)
     _, with_refs, refs = pointmaze.collect("umaze", ref_episodes=2, **kwargs)
     assert refs0 is None and len(refs) == 2 and refs[0] < refs[1]
@@ -197,14 +197,14 @@ def test_datasets_of_the_earlier_recipe_are_never_reused(monkeypatch):
     made = []
     monkeypatch.setattr(minari, "list_local_datasets", lambda *a, **k: {old: None})
     monkeypatch.setattr(pointmaze, "generate_dataset", lambda dataset_id, *a, **k: made.append(dataset_id))
-    ids = datasets._fetch(spec, offline=True, generate=True, num_steps=10_000, seed=123, progress=False)
+    ids = datasets._fetch(spec, offline=True, generate=True, dataset_steps=10_000, seed=123, progress=False)
     assert ids == made == ["local/pointmaze/umaze-10000steps-seed123-v3"]
 
 
 def test_models_made_on_the_earlier_data_are_refused(tmp_path):
     from common.checkpoints import atomic_save, load_model_file
 
-    data = load_dataset("maze2d-umaze", num_steps=10_000, progress=False)
+    data = load_dataset("maze2d-umaze", dataset_steps=10_000, progress=False)
     old = dataclasses.replace(data, dataset_ids=("local/pointmaze/umaze-10000steps-seed123-v2",))
     assert old.fingerprint != data.fingerprint
     atomic_save({"fingerprint": old.fingerprint, "dataset_ids": list(old.dataset_ids)}, tmp_path / "dm.pt")
@@ -214,7 +214,7 @@ def test_models_made_on_the_earlier_data_are_refused(tmp_path):
 
 
 def test_flat_transitions_carry_the_goal_they_are_scored_against():
-    data = load_dataset("maze2d-umaze", num_steps=10_000, progress=False)
+    data = load_dataset("maze2d-umaze", dataset_steps=10_000, progress=False)
     ds = minari.load_dataset(data.dataset_ids[0])
     ep0, ep1 = ds.storage.get_episodes([0, 1])
     stored_goal = ep1["observations"]["desired_goal"]

@@ -17,7 +17,7 @@ from script_runs import DEVICE_FLAG
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--horizon", "16", "--holdout-fraction", "0.1",
+    "--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--rollout-length", "16", "--holdout-fraction", "0.1",
     "--dm-dim", "8", "--dm-dim-mults", "1", "2", "--dm-steps", "30", "--dm-batch-size", "16",
     "--dm-checkpoint-every", "10", "--dyn-hidden", "32", "--dyn-max-steps", "60", "--reward-steps", "60",
     "--report-windows", "4", "--report-iterations", "2", "--sampler-steps", "4", DEVICE_FLAG,
@@ -45,7 +45,7 @@ def pretrained(tmp_path_factory):
 def test_writes_model_files_that_load_for_this_dataset(pretrained):
     models_dir, _ = pretrained
     folder = models_folder(str(models_dir), "maze2d-umaze")
-    data = load_dataset("maze2d-umaze", num_steps=10_000, progress=False)
+    data = load_dataset("maze2d-umaze", dataset_steps=10_000, progress=False)
     for name in ("dm", "dynamics", "reward"):
         ckpt = load_model_file(folder, name, data.fingerprint)
         assert ckpt["state_dim"] == 4 and ckpt["obs_dim"] == 6 and ckpt["action_dim"] == 2
@@ -96,7 +96,7 @@ def test_report_has_losses_and_error_curves(pretrained):
 def test_one_step_of_the_simulator_reproduces_the_dataset():
     from common.envs import step_from
 
-    data = load_dataset("maze2d-umaze", num_steps=10_000, progress=False)
+    data = load_dataset("maze2d-umaze", dataset_steps=10_000, progress=False)
     idx = np.array([0, 17, 4000, 9998])
     real = step_from(data.make_eval_env(), "pointmaze", data.observations[idx, :4], data.actions[idx])
     np.testing.assert_allclose(real, data.next_observations[idx, :4], atol=1e-5)

@@ -23,7 +23,7 @@ SCRIPTS = ["dydiff_td3bc.py", "dydiff_cql.py", "dydiff_diffql.py"]
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
-    run_script("pretrain_models.py", "--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--horizon", "16",
+    run_script("pretrain_models.py", "--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--rollout-length", "16",
                "--models-dir", str(folder), *shlex.split(PRETRAIN))
     return folder
 

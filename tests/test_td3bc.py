@@ -11,8 +11,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from script_runs import TINY, kill_after_first_checkpoint, metrics, models_for_other_data, run_script  # noqa: E402
-from dydiff_td3bc import (Actor, Critic, SyntheticBuffer, alive_mask, cuda_graphed, filter_trajectories,  # noqa: E402
-                          make_update_fns, mixed_batch)
+from common.buffer import SyntheticBuffer  # noqa: E402
+from common.cudagraphs import cuda_graphed  # noqa: E402
+from dydiff_td3bc import Actor, Critic, alive_mask, filter_trajectories, make_update_fns, mixed_batch  # noqa: E402
 
 
 

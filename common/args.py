@@ -1,0 +1,28 @@
+"""The checks of the arguments that the three training scripts share (each adds its own)."""
+
+
+def shared_arg_problems(args) -> list[str]:
+    """One message per invalid run or DyDiff hyper-parameter, each naming the flag and its valid range."""
+    problems = []
+    if not 0.0 <= args.real_ratio <= 1.0:
+        problems.append(f"--real-ratio must be in [0, 1], got {args.real_ratio}")
+    if not 0.0 < args.filter_proportion <= 1.0:
+        problems.append(f"--filter-proportion must be in (0, 1], got {args.filter_proportion}")
+    elif args.filter_proportion * args.rollout_batch_size < 1:
+        problems.append(f"--filter-proportion {args.filter_proportion} keeps no trajectory of --rollout-batch-size "
+                        f"{args.rollout_batch_size}; raise either so that their product is >= 1")
+    if args.num_iterations < 0:
+        problems.append(f"--num-iterations must be >= 0, got {args.num_iterations}")
+    if args.filter_temperature <= 0:
+        problems.append(f"--filter-temperature must be > 0, got {args.filter_temperature}")
+    for name in ("total_steps", "batch_size", "eval_freq", "eval_episodes", "rollout_freq", "rollout_batch_size",
+                 "synthetic_buffer_size"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.rollout_length < 2:
+        problems.append(f"--rollout-length must be >= 2, got {args.rollout_length}")
+    if args.sampler_steps < 2:
+        problems.append(f"--sampler-steps must be >= 2, got {args.sampler_steps}")
+    if args.sampler_churn < 0:
+        problems.append(f"--sampler-churn must be >= 0, got {args.sampler_churn}")
+    return problems
