@@ -280,8 +280,13 @@ def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
         # uniform below the buffer's count, which stays on the device
         u = torch.rand(n_syn, device=dev, generator=generator)
         si = (u * synthetic.count).long().clamp(max=synthetic.count - 1)
-        syn = dict(obs=synthetic.obs[si], actions=synthetic.actions[si], rewards=synthetic.rewards[si],
-                   next_obs=synthetic.next_obs[si], dones=synthetic.dones[si])
+        syn = dict(
+            obs=synthetic.obs[si],
+            actions=synthetic.actions[si],
+            rewards=synthetic.rewards[si],
+            next_obs=synthetic.next_obs[si],
+            dones=synthetic.dones[si],
+        )
         batch = {k: torch.cat([batch[k], syn[k]]) for k in batch}
     return batch, n_syn
 
@@ -347,14 +352,29 @@ if __name__ == "__main__":
         return actor((obs - obs_mean) / obs_std, deterministic=True)[0]
 
     # The run folder: a new one, or the killed run of --resume with everything its checkpoint holds
-    run = Run(args, dict(actor=actor, qf1=qf1, qf2=qf2, qf1_target=qf1_target, qf2_target=qf2_target,
-                         log_alpha=log_alpha, log_alpha_prime=log_alpha_prime, q_optimizer=q_optimizer,
-                         actor_optimizer=actor_optimizer, alpha_optimizer=alpha_optimizer,
-                         alpha_prime_optimizer=alpha_prime_optimizer, synthetic=synthetic), gen)
+    run = Run(
+        args,
+        dict(
+            actor=actor,
+            qf1=qf1,
+            qf2=qf2,
+            qf1_target=qf1_target,
+            qf2_target=qf2_target,
+            log_alpha=log_alpha,
+            log_alpha_prime=log_alpha_prime,
+            q_optimizer=q_optimizer,
+            actor_optimizer=actor_optimizer,
+            alpha_optimizer=alpha_optimizer,
+            alpha_prime_optimizer=alpha_prime_optimizer,
+            synthetic=synthetic,
+        ),
+        gen,
+    )
 
     # Training loop
-    for global_step in tqdm(range(run.start_step, args.total_steps), initial=run.start_step, total=args.total_steps,
-                            desc=run.name, mininterval=5.0):
+    for global_step in tqdm(
+        range(run.start_step, args.total_steps), initial=run.start_step, total=args.total_steps, desc=run.name, mininterval=5.0
+    ):
         # ---- DyDiff rollout step (paper Algorithm 1; the same text in the three scripts) ----
         if args.dydiff and global_step % args.rollout_freq == 0:
             t0 = time.time()
@@ -363,12 +383,13 @@ if __name__ == "__main__":
                 # a. start states from the real dataset; the context (goal) rides along unchanged
                 idx = torch.randint(data.size, (B_r,), device=device, generator=gen)
                 s0, context = real["obs"][idx, :S], real["obs"][idx, S:]
-                # b. autoregressive rollout of the learning (sampling) policy in the dynamics ensemble
+                # b. autoregressive rollout of the learning policy in the dynamics ensemble
                 states, actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
-                # c. M rounds: DM states given (s_0, actions), then relabel every action with a_t ~ pi(.|s_t)
+                # c. M rounds: DM states given (s_0, actions), then relabel every action with the policy
                 for _ in range(args.num_iterations):
-                    new_states = refine_states(denoiser, dm_normalizer, s0, actions, args.sampler_steps,
-                                               args.sampler_churn, gen, bf16=dm_bf16)
+                    new_states = refine_states(
+                        denoiser, dm_normalizer, s0, actions, args.sampler_steps, args.sampler_churn, gen, bf16=dm_bf16
+                    )
                     states = 0.5 * (states + new_states) if args.average_with_previous else new_states
                     obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
                     actions = policy(obs.reshape(B_r * L, obs_dim)).reshape(B_r, L, A)
@@ -382,11 +403,19 @@ if __name__ == "__main__":
                 keep = filter_trajectories(scores, args.filter_proportion, args.filter, args.filter_temperature, gen)
                 # f. push every transition of the kept trajectories (up to the first terminal) into D_syn
                 #    (a mask, not boolean indexing: nothing here waits on the device)
-                synthetic.add(obs[keep, :-1].flatten(0, 1), actions[keep, :-1].flatten(0, 1), rewards[keep].flatten(),
-                              obs[keep, 1:].flatten(0, 1), dones[keep].flatten(), valid=alive[keep].flatten().bool())
+                synthetic.add(
+                    obs[keep, :-1].flatten(0, 1),
+                    actions[keep, :-1].flatten(0, 1),
+                    rewards[keep].flatten(),
+                    obs[keep, 1:].flatten(0, 1),
+                    dones[keep].flatten(),
+                    valid=alive[keep].flatten().bool(),
+                )
             rollout_metrics = {  # reading these waits for the rollout to finish, so the time below is true
-                "dydiff/kept_fraction": len(keep) / B_r, "dydiff/return_kept": scores[keep].mean().item(),
-                "dydiff/return_all": scores.mean().item(), "dydiff/synthetic_buffer_size": synthetic.size,
+                "dydiff/kept_fraction": len(keep) / B_r,
+                "dydiff/return_kept": scores[keep].mean().item(),
+                "dydiff/return_all": scores.mean().item(),
+                "dydiff/synthetic_buffer_size": synthetic.size,
                 "dydiff/terminal_fraction": dones.amax(1).mean().item(),
             }
             rollout_metrics["dydiff/rollout_time"] = time.time() - t0
@@ -426,12 +455,25 @@ if __name__ == "__main__":
         gaps = []
         for qf, q_pred in ((qf1, q1_pred), (qf2, q2_pred)):
             q_rand, q_curr, q_next = (qf(obs_rep, a).view(B, N) for a in (rand_actions, curr_actions, next_sampled))
-            gaps.append(cql_penalty(q_pred, q_rand, q_curr, logp_curr.view(B, N), q_next, logp_next.view(B, N),
-                                    rand_log_density, args.cql_temperature).mean())
+            gaps.append(
+                cql_penalty(
+                    q_pred,
+                    q_rand,
+                    q_curr,
+                    logp_curr.view(B, N),
+                    q_next,
+                    logp_next.view(B, N),
+                    rand_log_density,
+                    args.cql_temperature,
+                ).mean()
+            )
         if args.cql_lagrange:
             alpha_prime = alpha_prime_value(log_alpha_prime).detach()
-            cql_loss = alpha_prime * args.cql_alpha * ((gaps[0] - args.cql_target_action_gap) +
-                                                       (gaps[1] - args.cql_target_action_gap))
+            cql_loss = (
+                alpha_prime
+                * args.cql_alpha
+                * ((gaps[0] - args.cql_target_action_gap) + (gaps[1] - args.cql_target_action_gap))
+            )
             alpha_prime_loss = lagrange_loss(log_alpha_prime, gaps[0], gaps[1], args.cql_alpha, args.cql_target_action_gap)
             alpha_prime_optimizer.zero_grad(set_to_none=True)
             alpha_prime_loss.backward()
@@ -459,13 +501,20 @@ if __name__ == "__main__":
         if step % 1000 == 0 or step == args.total_steps:
             if not torch.isfinite(qf_loss):
                 raise SystemExit(f"NaN/inf in the critic loss at step {step}; lower --qf-lr or check the data")
-            losses = {"losses/qf1_loss": qf1_loss.item(), "losses/qf2_loss": qf2_loss.item(),
-                      "losses/cql_qf1_gap": gaps[0].item(), "losses/cql_qf2_gap": gaps[1].item(),
-                      "losses/cql_loss": cql_loss.item(), "losses/policy_loss": policy_loss.item(),
-                      "losses/log_pi": log_pi.mean().item(), "losses/alpha": alpha.item(),
-                      "losses/alpha_loss": alpha_loss.item(), "losses/qf1_values": q1_pred.mean().item(),
-                      "charts/synthetic_in_batch": n_syn / args.batch_size,
-                      "charts/SPS": run.sps(step)}
+            losses = {
+                "losses/qf1_loss": qf1_loss.item(),
+                "losses/qf2_loss": qf2_loss.item(),
+                "losses/cql_qf1_gap": gaps[0].item(),
+                "losses/cql_qf2_gap": gaps[1].item(),
+                "losses/cql_loss": cql_loss.item(),
+                "losses/policy_loss": policy_loss.item(),
+                "losses/log_pi": log_pi.mean().item(),
+                "losses/alpha": alpha.item(),
+                "losses/alpha_loss": alpha_loss.item(),
+                "losses/qf1_values": q1_pred.mean().item(),
+                "charts/synthetic_in_batch": n_syn / args.batch_size,
+                "charts/SPS": run.sps(step),
+            }
             if args.cql_lagrange:
                 losses["losses/alpha_prime"] = alpha_prime.item()
                 losses["losses/alpha_prime_loss"] = alpha_prime_loss.item()
@@ -473,10 +522,14 @@ if __name__ == "__main__":
         if step % args.eval_freq == 0 or step == args.total_steps:
             actor.eval()
             with torch.no_grad():
-                _, scores_eval = evaluate(numpy_policy(policy_deterministic, device), eval_envs, args.seed * 10_000 + step,
-                                          data.ref_min_score, data.ref_max_score)
+                _, scores_eval = evaluate(
+                    numpy_policy(policy_deterministic, device),
+                    eval_envs,
+                    args.seed * 10_000 + step,
+                    data.ref_min_score,
+                    data.ref_max_score,
+                )
             actor.train()
             run.evaluated(scores_eval, step)  # logs, prints and writes the checkpoint
 
-    run.finish(dict(actor=actor.state_dict(), obs_mean=obs_mean.cpu(), obs_std=obs_std.cpu()),
-               cql_lagrange=args.cql_lagrange)
+    run.finish(dict(actor=actor.state_dict(), obs_mean=obs_mean.cpu(), obs_std=obs_std.cpu()), cql_lagrange=args.cql_lagrange)

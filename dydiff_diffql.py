@@ -126,8 +126,8 @@ class Args:
     # DyDiff (paper Table 4)
     dydiff: bool = True
     """augment with DyDiff rollouts; --no-dydiff is the plain base algorithm"""
-    rollout_freq: int = 500
-    """gradient steps between two rollout steps"""
+    rollout_freq: int = 250
+    """gradient steps between two rollout steps (the released code: one rollout per epoch of 250 steps)"""
     rollout_batch_size: int = 2048
     """B_r: synthetic trajectories per rollout step"""
     rollout_length: int = 100
@@ -158,9 +158,15 @@ class Args:
 
 # (eta, grad_norm) of Diffusion-QL's main.py `hyperparameters` (the -v2 Gym locomotion datasets).
 DIFFQL_HYPERPARAMETERS = {
-    "halfcheetah-medium": (1.0, 9.0), "hopper-medium": (1.0, 9.0), "walker2d-medium": (1.0, 1.0),
-    "halfcheetah-medium-replay": (1.0, 2.0), "hopper-medium-replay": (1.0, 4.0), "walker2d-medium-replay": (1.0, 4.0),
-    "halfcheetah-medium-expert": (1.0, 7.0), "hopper-medium-expert": (1.0, 5.0), "walker2d-medium-expert": (1.0, 5.0),
+    "halfcheetah-medium": (1.0, 9.0),
+    "hopper-medium": (1.0, 9.0),
+    "walker2d-medium": (1.0, 1.0),
+    "halfcheetah-medium-replay": (1.0, 2.0),
+    "hopper-medium-replay": (1.0, 4.0),
+    "walker2d-medium-replay": (1.0, 4.0),
+    "halfcheetah-medium-expert": (1.0, 7.0),
+    "hopper-medium-expert": (1.0, 5.0),
+    "walker2d-medium-expert": (1.0, 5.0),
 }
 MAZE2D_HYPERPARAMETERS = (1.0, 5.0)  # our choice, justified in the module docstring
 
@@ -229,10 +235,18 @@ class NoiseMLP(nn.Module):
 
     def __init__(self, obs_dim, action_dim, t_dim=16):
         super().__init__()
-        self.time_mlp = nn.Sequential(SinusoidalPosEmb(t_dim), nn.Linear(t_dim, 2 * t_dim), nn.Mish(),
-                                      nn.Linear(2 * t_dim, t_dim))
-        self.net = nn.Sequential(nn.Linear(obs_dim + action_dim + t_dim, 256), nn.Mish(), nn.Linear(256, 256), nn.Mish(),
-                                 nn.Linear(256, 256), nn.Mish(), nn.Linear(256, action_dim))
+        self.time_mlp = nn.Sequential(
+            SinusoidalPosEmb(t_dim), nn.Linear(t_dim, 2 * t_dim), nn.Mish(), nn.Linear(2 * t_dim, t_dim)
+        )
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim + action_dim + t_dim, 256),
+            nn.Mish(),
+            nn.Linear(256, 256),
+            nn.Mish(),
+            nn.Linear(256, 256),
+            nn.Mish(),
+            nn.Linear(256, action_dim),
+        )
 
     def forward(self, x, t, obs):
         return self.net(torch.cat([obs, x, self.time_mlp(t)], dim=-1))
@@ -249,13 +263,17 @@ class DiffusionPolicy(nn.Module):
         ac = torch.cumprod(alphas, dim=0)
         ac_prev = torch.cat([torch.ones(1), ac[:-1]])
         post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
-        for name, value in (("betas", betas), ("alphas_cumprod", ac), ("sqrt_alphas_cumprod", ac.sqrt()),
-                            ("sqrt_one_minus_alphas_cumprod", (1.0 - ac).sqrt()),
-                            ("sqrt_recip_alphas_cumprod", (1.0 / ac).sqrt()),
-                            ("sqrt_recipm1_alphas_cumprod", (1.0 / ac - 1.0).sqrt()),
-                            ("posterior_log_variance", post_var.clamp_min(1e-20).log()),
-                            ("posterior_mean_coef1", betas * ac_prev.sqrt() / (1.0 - ac)),
-                            ("posterior_mean_coef2", (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac))):
+        for name, value in (
+            ("betas", betas),
+            ("alphas_cumprod", ac),
+            ("sqrt_alphas_cumprod", ac.sqrt()),
+            ("sqrt_one_minus_alphas_cumprod", (1.0 - ac).sqrt()),
+            ("sqrt_recip_alphas_cumprod", (1.0 / ac).sqrt()),
+            ("sqrt_recipm1_alphas_cumprod", (1.0 / ac - 1.0).sqrt()),
+            ("posterior_log_variance", post_var.clamp_min(1e-20).log()),
+            ("posterior_mean_coef1", betas * ac_prev.sqrt() / (1.0 - ac)),
+            ("posterior_mean_coef2", (1.0 - ac_prev) * alphas.sqrt() / (1.0 - ac)),
+        ):
             self.register_buffer(name, value)
 
     def sample(self, obs, generator=None):
@@ -265,7 +283,7 @@ class DiffusionPolicy(nn.Module):
         for i in reversed(range(self.n_timesteps)):
             t = torch.full((B,), i, device=obs.device, dtype=torch.long)
             eps = self.model(x, t, obs)
-            x_recon = (self.sqrt_recip_alphas_cumprod[i] * x - self.sqrt_recipm1_alphas_cumprod[i] * eps)
+            x_recon = self.sqrt_recip_alphas_cumprod[i] * x - self.sqrt_recipm1_alphas_cumprod[i] * eps
             x_recon = x_recon.clamp(-self.max_action, self.max_action)
             x = self.posterior_mean_coef1[i] * x_recon + self.posterior_mean_coef2[i] * x
             if i > 0:
@@ -290,8 +308,15 @@ class Critic(nn.Module):
         super().__init__()
 
         def q():
-            return nn.Sequential(nn.Linear(obs_dim + action_dim, 256), nn.Mish(), nn.Linear(256, 256), nn.Mish(),
-                                 nn.Linear(256, 256), nn.Mish(), nn.Linear(256, 1))
+            return nn.Sequential(
+                nn.Linear(obs_dim + action_dim, 256),
+                nn.Mish(),
+                nn.Linear(256, 256),
+                nn.Mish(),
+                nn.Linear(256, 256),
+                nn.Mish(),
+                nn.Linear(256, 1),
+            )
 
         self.q1, self.q2 = q(), q()
 
@@ -348,8 +373,13 @@ def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
         # uniform below the buffer's count, which stays on the device
         u = torch.rand(n_syn, device=dev, generator=generator)
         si = (u * synthetic.count).long().clamp(max=synthetic.count - 1)
-        syn = dict(obs=synthetic.obs[si], actions=synthetic.actions[si], rewards=synthetic.rewards[si],
-                   next_obs=synthetic.next_obs[si], dones=synthetic.dones[si])
+        syn = dict(
+            obs=synthetic.obs[si],
+            actions=synthetic.actions[si],
+            rewards=synthetic.rewards[si],
+            next_obs=synthetic.next_obs[si],
+            dones=synthetic.dones[si],
+        )
         batch = {k: torch.cat([batch[k], syn[k]]) for k in batch}
     return batch, n_syn
 
@@ -398,8 +428,14 @@ if __name__ == "__main__":
     critic_target = copy.deepcopy(critic).requires_grad_(False)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate)
     critic_optimizer = torch.optim.Adam(critic.parameters(), lr=args.learning_rate)
-    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=args.total_steps, eta_min=0.0)
-                  for o in (actor_optimizer, critic_optimizer)] if args.lr_decay else []
+    schedulers = (
+        [
+            torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=args.total_steps, eta_min=0.0)
+            for o in (actor_optimizer, critic_optimizer)
+        ]
+        if args.lr_decay
+        else []
+    )
     synthetic = SyntheticBuffer(args.synthetic_buffer_size, obs_dim, A, device)
 
     def norm(obs):
@@ -415,13 +451,25 @@ if __name__ == "__main__":
         return select_actions(actor, critic_target, norm(obs), args.eval_samples)
 
     # The run folder: a new one, or the killed run of --resume with everything its checkpoint holds
-    run = Run(args, dict(actor=actor, ema_actor=ema_actor, critic=critic, critic_target=critic_target,
-                         actor_optimizer=actor_optimizer, critic_optimizer=critic_optimizer, schedulers=schedulers,
-                         synthetic=synthetic), gen)
+    run = Run(
+        args,
+        dict(
+            actor=actor,
+            ema_actor=ema_actor,
+            critic=critic,
+            critic_target=critic_target,
+            actor_optimizer=actor_optimizer,
+            critic_optimizer=critic_optimizer,
+            schedulers=schedulers,
+            synthetic=synthetic,
+        ),
+        gen,
+    )
 
     # Training loop
-    for global_step in tqdm(range(run.start_step, args.total_steps), initial=run.start_step, total=args.total_steps,
-                            desc=run.name, mininterval=5.0):
+    for global_step in tqdm(
+        range(run.start_step, args.total_steps), initial=run.start_step, total=args.total_steps, desc=run.name, mininterval=5.0
+    ):
         # ---- DyDiff rollout step (paper Algorithm 1; the same text in the three scripts) ----
         if args.dydiff and global_step % args.rollout_freq == 0:
             t0 = time.time()
@@ -434,8 +482,9 @@ if __name__ == "__main__":
                 states, actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
                 # c. M rounds: DM states given (s_0, actions), then relabel every action with the policy
                 for _ in range(args.num_iterations):
-                    new_states = refine_states(denoiser, dm_normalizer, s0, actions, args.sampler_steps,
-                                               args.sampler_churn, gen, bf16=dm_bf16)
+                    new_states = refine_states(
+                        denoiser, dm_normalizer, s0, actions, args.sampler_steps, args.sampler_churn, gen, bf16=dm_bf16
+                    )
                     states = 0.5 * (states + new_states) if args.average_with_previous else new_states
                     obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
                     actions = policy(obs.reshape(B_r * L, obs_dim)).reshape(B_r, L, A)
@@ -449,11 +498,19 @@ if __name__ == "__main__":
                 keep = filter_trajectories(scores, args.filter_proportion, args.filter, args.filter_temperature, gen)
                 # f. push every transition of the kept trajectories (up to the first terminal) into D_syn
                 #    (a mask, not boolean indexing: nothing here waits on the device)
-                synthetic.add(obs[keep, :-1].flatten(0, 1), actions[keep, :-1].flatten(0, 1), rewards[keep].flatten(),
-                              obs[keep, 1:].flatten(0, 1), dones[keep].flatten(), valid=alive[keep].flatten().bool())
+                synthetic.add(
+                    obs[keep, :-1].flatten(0, 1),
+                    actions[keep, :-1].flatten(0, 1),
+                    rewards[keep].flatten(),
+                    obs[keep, 1:].flatten(0, 1),
+                    dones[keep].flatten(),
+                    valid=alive[keep].flatten().bool(),
+                )
             rollout_metrics = {  # reading these waits for the rollout to finish, so the time below is true
-                "dydiff/kept_fraction": len(keep) / B_r, "dydiff/return_kept": scores[keep].mean().item(),
-                "dydiff/return_all": scores.mean().item(), "dydiff/synthetic_buffer_size": synthetic.size,
+                "dydiff/kept_fraction": len(keep) / B_r,
+                "dydiff/return_kept": scores[keep].mean().item(),
+                "dydiff/return_all": scores.mean().item(),
+                "dydiff/synthetic_buffer_size": synthetic.size,
                 "dydiff/terminal_fraction": dones.amax(1).mean().item(),
             }
             rollout_metrics["dydiff/rollout_time"] = time.time() - t0
@@ -487,8 +544,9 @@ if __name__ == "__main__":
         new_q1, new_q2 = critic(obs, actor.sample(obs))
         # Q1 or Q2 at random, as the authors; the coin stays on the device (no host sync per step)
         coin = torch.rand((), device=device, generator=gen) > 0.5
-        ql_loss = torch.where(coin, -new_q1.mean() / new_q2.abs().mean().detach(),
-                              -new_q2.mean() / new_q1.abs().mean().detach())
+        ql_loss = torch.where(
+            coin, -new_q1.mean() / new_q2.abs().mean().detach(), -new_q2.mean() / new_q1.abs().mean().detach()
+        )
         actor_loss = bc_loss + args.eta * ql_loss
         actor_optimizer.zero_grad(set_to_none=True)
         actor_loss.backward()
@@ -509,18 +567,30 @@ if __name__ == "__main__":
         if step % 1000 == 0 or step == args.total_steps:
             if not torch.isfinite(critic_loss):
                 raise SystemExit(f"NaN/inf in the critic loss at step {step}; lower --learning-rate or check the data")
-            run.log({"losses/bc_loss": bc_loss.item(), "losses/ql_loss": ql_loss.item(), "losses/actor_loss": actor_loss.item(),
-                 "losses/critic_loss": critic_loss.item(), "losses/qf1_values": current_q1.mean().item(),
-                 "charts/learning_rate": actor_optimizer.param_groups[0]["lr"],
-                 "charts/synthetic_in_batch": n_syn / args.batch_size,
-                 "charts/SPS": run.sps(step)}, step)
+            run.log(
+                {
+                    "losses/bc_loss": bc_loss.item(),
+                    "losses/ql_loss": ql_loss.item(),
+                    "losses/actor_loss": actor_loss.item(),
+                    "losses/critic_loss": critic_loss.item(),
+                    "losses/qf1_values": current_q1.mean().item(),
+                    "charts/learning_rate": actor_optimizer.param_groups[0]["lr"],
+                    "charts/synthetic_in_batch": n_syn / args.batch_size,
+                    "charts/SPS": run.sps(step),
+                },
+                step,
+            )
         if step % args.eval_freq == 0 or step == args.total_steps:
             actor.eval()
             with torch.no_grad():
-                _, scores_eval = evaluate(numpy_policy(act, device), eval_envs, args.seed * 10_000 + step,
-                                          data.ref_min_score, data.ref_max_score)
+                _, scores_eval = evaluate(
+                    numpy_policy(act, device), eval_envs, args.seed * 10_000 + step, data.ref_min_score, data.ref_max_score
+                )
             actor.train()
             run.evaluated(scores_eval, step)  # logs, prints and writes the checkpoint
 
-    run.finish(dict(actor=actor.state_dict(), critic_target=critic_target.state_dict(), obs_mean=obs_mean.cpu(),
-                    obs_std=obs_std.cpu()))
+    run.finish(
+        dict(
+            actor=actor.state_dict(), critic_target=critic_target.state_dict(), obs_mean=obs_mean.cpu(), obs_std=obs_std.cpu()
+        )
+    )

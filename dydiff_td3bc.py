@@ -149,8 +149,9 @@ def check_args(args: Args) -> None:
 class Actor(nn.Module):
     def __init__(self, obs_dim, action_dim, max_action):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                                 nn.Linear(256, action_dim), nn.Tanh())
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, action_dim), nn.Tanh()
+        )
         self.max_action = max_action
 
     def forward(self, obs):
@@ -160,8 +161,9 @@ class Actor(nn.Module):
 class Critic(nn.Module):
     def __init__(self, obs_dim, action_dim):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(obs_dim + action_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                                 nn.Linear(256, 1))
+        self.net = nn.Sequential(
+            nn.Linear(obs_dim + action_dim, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1)
+        )
 
     def forward(self, obs, action):
         return self.net(torch.cat([obs, action], dim=-1)).squeeze(-1)
@@ -197,8 +199,13 @@ def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
         # uniform below the buffer's count, which stays on the device
         u = torch.rand(n_syn, device=dev, generator=generator)
         si = (u * synthetic.count).long().clamp(max=synthetic.count - 1)
-        syn = dict(obs=synthetic.obs[si], actions=synthetic.actions[si], rewards=synthetic.rewards[si],
-                   next_obs=synthetic.next_obs[si], dones=synthetic.dones[si])
+        syn = dict(
+            obs=synthetic.obs[si],
+            actions=synthetic.actions[si],
+            rewards=synthetic.rewards[si],
+            next_obs=synthetic.next_obs[si],
+            dones=synthetic.dones[si],
+        )
         batch = {k: torch.cat([batch[k], syn[k]]) for k in batch}
     return batch, n_syn
 
@@ -206,8 +213,9 @@ def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
 # ---- end of the DyDiff pieces ----
 
 
-def make_update_fns(actor, qf1, qf2, actor_target, qf1_target, qf2_target, q_optimizer, actor_optimizer, args,
-                    max_action, obs_mean, obs_std):
+def make_update_fns(
+    actor, qf1, qf2, actor_target, qf1_target, qf2_target, q_optimizer, actor_optimizer, args, max_action, obs_mean, obs_std
+):
     """TD3+BC's gradient step as two functions of a raw batch: update_critic(batch) and update_actor(batch)."""
     targets = [p for net in (actor_target, qf1_target, qf2_target) for p in net.parameters()]
     onlines = [p for net in (actor, qf1, qf2) for p in net.parameters()]
@@ -281,16 +289,18 @@ if __name__ == "__main__":
     # Networks
     actor = Actor(obs_dim, A, max_action).to(device)
     qf1, qf2 = Critic(obs_dim, A).to(device), Critic(obs_dim, A).to(device)
-    actor_target, qf1_target, qf2_target = (Actor(obs_dim, A, max_action).to(device), Critic(obs_dim, A).to(device),
-                                            Critic(obs_dim, A).to(device))
+    actor_target, qf1_target, qf2_target = (
+        Actor(obs_dim, A, max_action).to(device),
+        Critic(obs_dim, A).to(device),
+        Critic(obs_dim, A).to(device),
+    )
     actor_target.load_state_dict(actor.state_dict())
     qf1_target.load_state_dict(qf1.state_dict())
     qf2_target.load_state_dict(qf2.state_dict())
     graphs = args.cudagraphs and device.type == "cuda"
     if args.cudagraphs and not graphs:
         print("--cudagraphs needs a GPU: the update runs eagerly")
-    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.learning_rate,
-                                   capturable=graphs)
+    q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.learning_rate, capturable=graphs)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.learning_rate, capturable=graphs)
     synthetic = SyntheticBuffer(args.synthetic_buffer_size, obs_dim, A, device)
 
@@ -298,21 +308,46 @@ if __name__ == "__main__":
         """The learning policy on raw observations (what the rollout and the evaluation call)."""
         return actor((obs - obs_mean) / obs_std)
 
-    update_critic, update_actor = make_update_fns(actor, qf1, qf2, actor_target, qf1_target, qf2_target, q_optimizer,
-                                                  actor_optimizer, args, max_action, obs_mean, obs_std)
+    update_critic, update_actor = make_update_fns(
+        actor,
+        qf1,
+        qf2,
+        actor_target,
+        qf1_target,
+        qf2_target,
+        q_optimizer,
+        actor_optimizer,
+        args,
+        max_action,
+        obs_mean,
+        obs_std,
+    )
     if graphs:  # the update is ~40 small kernels: replaying them as one graph removes the launch overhead
         nets, optimizers = (actor, qf1, qf2, actor_target, qf1_target, qf2_target), (q_optimizer, actor_optimizer)
         update_critic = cuda_graphed(update_critic, nets, optimizers)
         update_actor = cuda_graphed(update_actor, nets, optimizers)
 
     # The run folder: a new one, or the killed run of --resume with everything its checkpoint holds
-    run = Run(args, dict(actor=actor, qf1=qf1, qf2=qf2, actor_target=actor_target, qf1_target=qf1_target,
-                         qf2_target=qf2_target, q_optimizer=q_optimizer, actor_optimizer=actor_optimizer,
-                         synthetic=synthetic), gen)
+    run = Run(
+        args,
+        dict(
+            actor=actor,
+            qf1=qf1,
+            qf2=qf2,
+            actor_target=actor_target,
+            qf1_target=qf1_target,
+            qf2_target=qf2_target,
+            q_optimizer=q_optimizer,
+            actor_optimizer=actor_optimizer,
+            synthetic=synthetic,
+        ),
+        gen,
+    )
 
     # Training loop
-    for global_step in tqdm(range(run.start_step, args.total_steps), initial=run.start_step, total=args.total_steps,
-                            desc=run.name, mininterval=5.0):
+    for global_step in tqdm(
+        range(run.start_step, args.total_steps), initial=run.start_step, total=args.total_steps, desc=run.name, mininterval=5.0
+    ):
         # ---- DyDiff rollout step (paper Algorithm 1; the same text in the three scripts) ----
         if args.dydiff and global_step % args.rollout_freq == 0:
             t0 = time.time()
@@ -325,8 +360,9 @@ if __name__ == "__main__":
                 states, actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
                 # c. M rounds: DM states given (s_0, actions), then relabel every action with the policy
                 for _ in range(args.num_iterations):
-                    new_states = refine_states(denoiser, dm_normalizer, s0, actions, args.sampler_steps,
-                                               args.sampler_churn, gen, bf16=dm_bf16)
+                    new_states = refine_states(
+                        denoiser, dm_normalizer, s0, actions, args.sampler_steps, args.sampler_churn, gen, bf16=dm_bf16
+                    )
                     states = 0.5 * (states + new_states) if args.average_with_previous else new_states
                     obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
                     actions = policy(obs.reshape(B_r * L, obs_dim)).reshape(B_r, L, A)
@@ -340,11 +376,19 @@ if __name__ == "__main__":
                 keep = filter_trajectories(scores, args.filter_proportion, args.filter, args.filter_temperature, gen)
                 # f. push every transition of the kept trajectories (up to the first terminal) into D_syn
                 #    (a mask, not boolean indexing: nothing here waits on the device)
-                synthetic.add(obs[keep, :-1].flatten(0, 1), actions[keep, :-1].flatten(0, 1), rewards[keep].flatten(),
-                              obs[keep, 1:].flatten(0, 1), dones[keep].flatten(), valid=alive[keep].flatten().bool())
+                synthetic.add(
+                    obs[keep, :-1].flatten(0, 1),
+                    actions[keep, :-1].flatten(0, 1),
+                    rewards[keep].flatten(),
+                    obs[keep, 1:].flatten(0, 1),
+                    dones[keep].flatten(),
+                    valid=alive[keep].flatten().bool(),
+                )
             rollout_metrics = {  # reading these waits for the rollout to finish, so the time below is true
-                "dydiff/kept_fraction": len(keep) / B_r, "dydiff/return_kept": scores[keep].mean().item(),
-                "dydiff/return_all": scores.mean().item(), "dydiff/synthetic_buffer_size": synthetic.size,
+                "dydiff/kept_fraction": len(keep) / B_r,
+                "dydiff/return_kept": scores[keep].mean().item(),
+                "dydiff/return_all": scores.mean().item(),
+                "dydiff/synthetic_buffer_size": synthetic.size,
                 "dydiff/terminal_fraction": dones.amax(1).mean().item(),
             }
             rollout_metrics["dydiff/rollout_time"] = time.time() - t0
@@ -366,14 +410,23 @@ if __name__ == "__main__":
         if step % 1000 == 0 or step == args.total_steps:
             if not torch.isfinite(qf1_loss + qf2_loss):
                 raise SystemExit(f"NaN/inf in the critic loss at step {step}; lower --learning-rate or check the data")
-            run.log({"losses/qf1_loss": qf1_loss.item(), "losses/qf2_loss": qf2_loss.item(),
-                     "losses/actor_loss": actor_loss.item(), "losses/qf1_values": q_mean.item(),
-                     "charts/synthetic_in_batch": n_syn / args.batch_size, "charts/SPS": run.sps(step)}, step)
+            run.log(
+                {
+                    "losses/qf1_loss": qf1_loss.item(),
+                    "losses/qf2_loss": qf2_loss.item(),
+                    "losses/actor_loss": actor_loss.item(),
+                    "losses/qf1_values": q_mean.item(),
+                    "charts/synthetic_in_batch": n_syn / args.batch_size,
+                    "charts/SPS": run.sps(step),
+                },
+                step,
+            )
         if step % args.eval_freq == 0 or step == args.total_steps:
             actor.eval()
             with torch.no_grad():
-                _, scores_eval = evaluate(numpy_policy(policy, device), eval_envs, args.seed * 10_000 + step,
-                                          data.ref_min_score, data.ref_max_score)
+                _, scores_eval = evaluate(
+                    numpy_policy(policy, device), eval_envs, args.seed * 10_000 + step, data.ref_min_score, data.ref_max_score
+                )
             actor.train()
             run.evaluated(scores_eval, step)  # logs, prints and writes the checkpoint
 

@@ -23,8 +23,18 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
-from common.checkpoints import (MODEL_FILES, atomic_save, load_checkpoint, load_dm, load_dynamics, load_model_file,
-                                load_reward, models_folder, rng_state, set_rng_state)
+from common.checkpoints import (
+    MODEL_FILES,
+    atomic_save,
+    load_checkpoint,
+    load_dm,
+    load_dynamics,
+    load_model_file,
+    load_reward,
+    models_folder,
+    rng_state,
+    set_rng_state,
+)
 from common.datasets import OFFLINE_ENV_VAR, gather_windows, load_dataset, segment_windows
 from common.dynamics import EnsembleDynamics, RewardModel
 from common.edm import EMA, MinMaxNormalizer, build_denoiser, condition_mask, edm_loss, refine_states
@@ -169,16 +179,30 @@ class RandomPolicy(nn.Module):
 def model_meta(args, data, **extra):
     """What every model file records, so it can be used without the training run."""
     return dict(
-        env_id=args.env_id, dataset_ids=list(data.dataset_ids), fingerprint=data.fingerprint, task=data.task,
-        obs_dim=data.obs_dim, state_dim=data.state_dim, action_dim=data.action_dim, args=asdict(args), **extra,
+        env_id=args.env_id,
+        dataset_ids=list(data.dataset_ids),
+        fingerprint=data.fingerprint,
+        task=data.task,
+        obs_dim=data.obs_dim,
+        state_dim=data.state_dim,
+        action_dim=data.action_dim,
+        args=asdict(args),
+        **extra,
     )
 
 
 def dm_config(args) -> dict:
     """The DM's shape, as saved in dm.pt and dm_train.pt: what must match to keep or resume a DM."""
-    return dict(horizon=args.rollout_length, dim=args.dm_dim, dim_mults=list(args.dm_dim_mults), sigma_data=args.sigma_data,
-                full_res_skip=args.dm_full_res_skip, padding_mode=args.dm_padding, cond_channels=args.dm_cond_channels,
-                relative_states=args.dm_relative_states)
+    return dict(
+        horizon=args.rollout_length,
+        dim=args.dm_dim,
+        dim_mults=list(args.dm_dim_mults),
+        sigma_data=args.sigma_data,
+        full_res_skip=args.dm_full_res_skip,
+        padding_mode=args.dm_padding,
+        cond_channels=args.dm_cond_channels,
+        relative_states=args.dm_relative_states,
+    )
 
 
 def train_dm(args, data, train_segs, device, folder, log):
@@ -215,19 +239,20 @@ def train_dm(args, data, train_segs, device, folder, log):
             step = ckpt["step"]
             print(f"resuming DM training at step {step:,} from {ckpt_path}")
     n_params = sum(p.numel() for p in denoiser.parameters())
-    print(f"DM: temporal U-Net dim {args.dm_dim}, mults {args.dm_dim_mults}, full-resolution skip "
-          f"{args.dm_full_res_skip}, {args.dm_padding} padding, condition channels {args.dm_cond_channels}, "
-          f"states relative to s_0 {args.dm_relative_states}, "
-          f"{n_params / 1e6:.2f}M parameters; "
-          f"{len(starts):,} training windows of L={L}")
+    print(
+        f"DM: temporal U-Net dim {args.dm_dim}, mults {args.dm_dim_mults}, full-resolution skip "
+        f"{args.dm_full_res_skip}, {args.dm_padding} padding, condition channels {args.dm_cond_channels}, "
+        f"states relative to s_0 {args.dm_relative_states}, "
+        f"{n_params / 1e6:.2f}M parameters; "
+        f"{len(starts):,} training windows of L={L}"
+    )
     t0, loss_avg = time.time(), None
     bar = tqdm(range(step, args.dm_steps), initial=step, total=args.dm_steps, desc="DM", mininterval=2.0)
     for step in bar:
         idx = torch.randint(len(starts), (args.dm_batch_size,), device=device, generator=gen)
         x, valid = gather_windows(states, actions, next_states, starts[idx], lengths[idx], L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dm_bf16):
-            loss = edm_loss(denoiser, normalizer.normalize(x), cond_mask, args.p_mean, args.p_std, valid=valid,
-                            generator=gen)
+            loss = edm_loss(denoiser, normalizer.normalize(x), cond_mask, args.p_mean, args.p_std, valid=valid, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -243,11 +268,26 @@ def train_dm(args, data, train_segs, device, folder, log):
             bar.set_postfix(loss=f"{loss_avg:.4f}")
             log({"losses/dm": loss_val, "charts/dm_steps_per_s": (step + 1) / max(time.time() - t0, 1e-9)}, step)
         if checkpoint:
-            atomic_save(dict(model=denoiser.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                             rng=rng_state(gen), step=step + 1, fingerprint=data.fingerprint, config=config),
-                        ckpt_path)
-    atomic_save(dict(model_meta(args, data, steps=args.dm_steps, **config),
-                     state_dict=ema.module.state_dict(), normalizer=normalizer.state_dict()), folder / MODEL_FILES["dm"])
+            atomic_save(
+                dict(
+                    model=denoiser.state_dict(),
+                    ema=ema.state_dict(),
+                    opt=opt.state_dict(),
+                    rng=rng_state(gen),
+                    step=step + 1,
+                    fingerprint=data.fingerprint,
+                    config=config,
+                ),
+                ckpt_path,
+            )
+    atomic_save(
+        dict(
+            model_meta(args, data, steps=args.dm_steps, **config),
+            state_dict=ema.module.state_dict(),
+            normalizer=normalizer.state_dict(),
+        ),
+        folder / MODEL_FILES["dm"],
+    )
     return ema.module.eval(), normalizer
 
 
@@ -263,12 +303,24 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
     rng = np.random.default_rng(args.seed + 1)
     n0 = int(held_segs[0].min())
-    report = {"env_id": args.env_id, "fingerprint": data.fingerprint, "horizon": L, "heldout_transitions": data.size - n0,
-              "dm": {"dim": args.dm_dim, "dim_mults": list(args.dm_dim_mults), "steps": args.dm_steps,
-                     "full_res_skip": args.dm_full_res_skip, "padding_mode": args.dm_padding,
-                     "cond_channels": args.dm_cond_channels, "relative_states": args.dm_relative_states,
-                     "sampler_steps": args.sampler_steps, "sampler_churn": args.sampler_churn,
-                     "params": sum(p.numel() for p in denoiser.parameters())}}
+    report = {
+        "env_id": args.env_id,
+        "fingerprint": data.fingerprint,
+        "horizon": L,
+        "heldout_transitions": data.size - n0,
+        "dm": {
+            "dim": args.dm_dim,
+            "dim_mults": list(args.dm_dim_mults),
+            "steps": args.dm_steps,
+            "full_res_skip": args.dm_full_res_skip,
+            "padding_mode": args.dm_padding,
+            "cond_channels": args.dm_cond_channels,
+            "relative_states": args.dm_relative_states,
+            "sampler_steps": args.sampler_steps,
+            "sampler_churn": args.sampler_churn,
+            "params": sum(p.numel() for p in denoiser.parameters()),
+        },
+    }
 
     # Held-out losses
     obs_h, act_h, rew_h = (torch.as_tensor(a[n0:], device=device) for a in (data.observations, data.actions, data.rewards))
@@ -281,9 +333,13 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     dm_losses = []
     for _ in range(8):
         idx = rng.integers(len(h_starts), size=min(256, len(h_starts)))
-        x, valid = gather_windows(data.observations[:, :S], data.actions, data.next_observations[:, :S], h_starts[idx], h_lengths[idx], L)
+        x, valid = gather_windows(
+            data.observations[:, :S], data.actions, data.next_observations[:, :S], h_starts[idx], h_lengths[idx], L
+        )
         x, valid = torch.as_tensor(x, device=device), torch.as_tensor(valid, device=device)
-        dm_losses.append(float(edm_loss(denoiser, normalizer.normalize(x), cond_mask, args.p_mean, args.p_std, valid=valid, generator=gen)))
+        dm_losses.append(
+            float(edm_loss(denoiser, normalizer.normalize(x), cond_mask, args.p_mean, args.p_std, valid=valid, generator=gen))
+        )
     report["dm_heldout_loss"] = float(np.mean(dm_losses))
 
     # (a) Held-out dataset windows: the dataset's own actions, ground truth = the dataset's states.
@@ -291,18 +347,31 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     if len(full) == 0:
         raise ValueError(f"no held-out segment is {L} steps long; raise --holdout-fraction or lower --rollout-length")
     pick = rng.choice(full, size=min(args.report_windows, len(full)), replace=False)
-    x, _ = gather_windows(data.observations[:, :S], data.actions, data.next_observations[:, :S], h_starts[pick], h_lengths[pick], L)
+    x, _ = gather_windows(
+        data.observations[:, :S], data.actions, data.next_observations[:, :S], h_starts[pick], h_lengths[pick], L
+    )
     x = torch.as_tensor(x, device=device)
     true_states, acts = x[..., :S], x[..., S:]
     ens = [true_states[:, 0]]
     for t in range(L - 1):
         ens.append(dynamics.predict(ens[-1], acts[:, t], generator=gen))
     ens = torch.stack(ens, 1)
-    dm = refine_states(denoiser, normalizer, true_states[:, 0], acts, args.sampler_steps, args.sampler_churn, gen,
-                       bf16=args.dm_bf16 and device.type == "cuda")
+    dm = refine_states(
+        denoiser,
+        normalizer,
+        true_states[:, 0],
+        acts,
+        args.sampler_steps,
+        args.sampler_churn,
+        gen,
+        bf16=args.dm_bf16 and device.type == "cuda",
+    )
     copy_s0 = true_states[:, :1].expand_as(true_states)  # the baseline that predicts no motion at all
-    curves = {"dataset/ensemble": state_error(ens.cpu(), true_states.cpu()), "dataset/dm": state_error(dm.cpu(), true_states.cpu()),
-              "dataset/copy_s0": state_error(copy_s0.cpu(), true_states.cpu())}
+    curves = {
+        "dataset/ensemble": state_error(ens.cpu(), true_states.cpu()),
+        "dataset/dm": state_error(dm.cpu(), true_states.cpu()),
+        "dataset/copy_s0": state_error(copy_s0.cpu(), true_states.cpu()),
+    }
     env = data.make_eval_env()
 
     def one_step(states, actions):
@@ -311,14 +380,16 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
         copying s_t, and of the ensemble's one-step prediction from the same s_t."""
         W = states.shape[0]
         s_t, a_t = states[:, :-1].reshape(-1, S), actions[:, :-1].reshape(-1, A)
-        real = torch.as_tensor(step_from(env, data.task, s_t.cpu().numpy(), a_t.cpu().numpy()), dtype=s_t.dtype,
-                               device=device)
+        real = torch.as_tensor(step_from(env, data.task, s_t.cpu().numpy(), a_t.cpu().numpy()), dtype=s_t.dtype, device=device)
 
         def err(pred):
             return ((pred - real) ** 2).sum(-1).reshape(W, L - 1).mean(0).cpu().numpy()
 
-        return {"generated": err(states[:, 1:].reshape(-1, S)), "copy": err(s_t),
-                "ensemble": err(dynamics.predict(s_t, a_t, generator=gen))}
+        return {
+            "generated": err(states[:, 1:].reshape(-1, S)),
+            "copy": err(s_t),
+            "ensemble": err(dynamics.predict(s_t, a_t, generator=gen)),
+        }
 
     validity = {"dataset/dm": one_step(dm, acts)}
 
@@ -335,12 +406,24 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     real_states = replay(ens_actions)
     curves["policy/ensemble"] = state_error(ens_states.cpu(), real_states)
     curves["policy/copy_s0"] = state_error(np.repeat(s0.cpu().numpy()[:, None], L, axis=1), real_states)
-    trajectories = {"dataset/ensemble": ens.cpu().numpy(), "dataset/dm": dm.cpu().numpy(),
-                    "policy/real": real_states, "policy/ensemble": ens_states.cpu().numpy()}
+    trajectories = {
+        "dataset/ensemble": ens.cpu().numpy(),
+        "dataset/dm": dm.cpu().numpy(),
+        "policy/real": real_states,
+        "policy/ensemble": ens_states.cpu().numpy(),
+    }
     actions = ens_actions
     for k in range(1, args.report_iterations + 1):
-        states_k = refine_states(denoiser, normalizer, s0, actions, args.sampler_steps, args.sampler_churn, gen,
-                                 bf16=args.dm_bf16 and device.type == "cuda")
+        states_k = refine_states(
+            denoiser,
+            normalizer,
+            s0,
+            actions,
+            args.sampler_steps,
+            args.sampler_churn,
+            gen,
+            bf16=args.dm_bf16 and device.type == "cuda",
+        )
         curves[f"policy/dm_M{k}"] = state_error(states_k.cpu(), replay(actions))
         if k == 1:
             validity["policy/dm_M1"] = one_step(states_k, actions)
@@ -357,15 +440,23 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     report["state_error_mean"] = {k: float(v.mean()) for k, v in curves.items()}
     report["one_step_error_vs_position"] = {k: {kind: e.tolist() for kind, e in v.items()} for k, v in validity.items()}
     positions = {"first": 0, "second": 1, "middle": (L - 1) // 2, "last": L - 2}
-    report["one_step_error"] = {k: {kind: {p: float(e[min(t, L - 2)]) for p, t in positions.items()} for kind, e in v.items()}
-                                for k, v in validity.items()}
+    report["one_step_error"] = {
+        k: {kind: {p: float(e[min(t, L - 2)]) for p, t in positions.items()} for kind, e in v.items()}
+        for k, v in validity.items()
+    }
     with open(folder / ".report.json.tmp", "w") as f:
         json.dump(report, f, indent=1)
     os.replace(folder / ".report.json.tmp", folder / "report.json")
     png = plot_report(curves, folder / "report.png", args.env_id)
-    log({f"report/{k}_final": float(v[-1]) for k, v in curves.items()} | {
-        "report/dm_heldout_loss": report["dm_heldout_loss"], "report/reward_heldout_mse": report["reward_heldout_mse"],
-    }, None, image=png)
+    log(
+        {f"report/{k}_final": float(v[-1]) for k, v in curves.items()}
+        | {
+            "report/dm_heldout_loss": report["dm_heldout_loss"],
+            "report/reward_heldout_mse": report["reward_heldout_mse"],
+        },
+        None,
+        image=png,
+    )
     return report
 
 
@@ -381,8 +472,9 @@ def plot_report(curves, path, title):
     ax.set_yscale("log")
     ax.set_xlabel("horizon t")
     ax.set_ylabel("mean squared state error")
-    ax.set_title(f"{title}: rollout error vs horizon (dataset actions: dashed; random policy, real simulator: solid)",
-                 fontsize=8)
+    ax.set_title(
+        f"{title}: rollout error vs horizon (dataset actions: dashed; random policy, real simulator: solid)", fontsize=8
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(".report.tmp.png")
@@ -412,15 +504,23 @@ if __name__ == "__main__":
         raise SystemExit(str(e))
     folder = models_folder(args.models_dir, args.env_id)
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"pretraining models for {args.env_id} ({', '.join(data.dataset_ids)}, fingerprint {data.fingerprint}) "
-          f"into {folder} on {device}")
+    print(
+        f"pretraining models for {args.env_id} ({', '.join(data.dataset_ids)}, fingerprint {data.fingerprint}) "
+        f"into {folder} on {device}"
+    )
 
     wandb_run = None
     if args.track:
         import wandb
 
-        wandb_run = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
-                               config=vars(args), name=run_name, save_code=True)
+        wandb_run = wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            group=args.wandb_group,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
 
     def log(metrics, step, image=None):
         if wandb_run is not None:
@@ -453,28 +553,44 @@ if __name__ == "__main__":
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(str(e))
         args.rollout_length, args.dm_dim, args.dm_dim_mults, args.dm_steps = (
-            dm_info["horizon"], dm_info["dim"], tuple(dm_info["dim_mults"]), dm_info["steps"])
+            dm_info["horizon"],
+            dm_info["dim"],
+            tuple(dm_info["dim_mults"]),
+            dm_info["steps"],
+        )
         args.holdout_fraction = dm_info["args"]["holdout_fraction"]
         args.dm_full_res_skip, args.dm_padding, args.dm_cond_channels, args.dm_relative_states = (
-            dm_info.get("full_res_skip", False), dm_info.get("padding_mode", "zeros"), dm_info.get("cond_channels", False),
-            dm_info.get("relative_states", False))
+            dm_info.get("full_res_skip", False),
+            dm_info.get("padding_mode", "zeros"),
+            dm_info.get("cond_channels", False),
+            dm_info.get("relative_states", False),
+        )
     train_segs, held_segs, n_train = split_segments(data, args.holdout_fraction)
     S = data.state_dim
     timings = {}
 
     # 1. Dynamics ensemble on the training part (its own random split decides early stopping and elites)
     t0 = time.time()
-    dynamics = EnsembleDynamics(S, data.action_dim, num_members=args.dyn_members, num_elites=args.dyn_elites,
-                                hidden=args.dyn_hidden).to(device)
+    dynamics = EnsembleDynamics(
+        S, data.action_dim, num_members=args.dyn_members, num_elites=args.dyn_elites, hidden=args.dyn_hidden
+    ).to(device)
     if finished("dynamics"):
         dynamics = load_dynamics(folder, data.fingerprint, device)
         print("dynamics ensemble: already trained, kept")
     else:
-        stats = dynamics.fit(data.observations[:n_train, :S], data.actions[:n_train], data.next_observations[:n_train, :S],
-                             batch_size=args.dyn_batch_size, max_epochs=args.dyn_max_epochs,
-                             max_steps=args.dyn_max_steps or None, seed=args.seed)
-        atomic_save(dict(model_meta(args, data, config=dynamics.config, fit=stats), state_dict=dynamics.state_dict()),
-                    folder / MODEL_FILES["dynamics"])
+        stats = dynamics.fit(
+            data.observations[:n_train, :S],
+            data.actions[:n_train],
+            data.next_observations[:n_train, :S],
+            batch_size=args.dyn_batch_size,
+            max_epochs=args.dyn_max_epochs,
+            max_steps=args.dyn_max_steps or None,
+            seed=args.seed,
+        )
+        atomic_save(
+            dict(model_meta(args, data, config=dynamics.config, fit=stats), state_dict=dynamics.state_dict()),
+            folder / MODEL_FILES["dynamics"],
+        )
         timings["dynamics_s"] = time.time() - t0
         log({"losses/dynamics_holdout_mse": float(np.mean(stats["holdout_mse"]))}, None)
 
@@ -485,10 +601,18 @@ if __name__ == "__main__":
         reward_model = load_reward(folder, data.fingerprint, device)
         print("reward model: already trained, kept")
     else:
-        stats = reward_model.fit(data.observations[:n_train], data.actions[:n_train], data.rewards[:n_train],
-                                 batch_size=args.reward_batch_size, max_steps=args.reward_steps, seed=args.seed)
-        atomic_save(dict(model_meta(args, data, config=reward_model.config, fit=stats), state_dict=reward_model.state_dict()),
-                    folder / MODEL_FILES["reward"])
+        stats = reward_model.fit(
+            data.observations[:n_train],
+            data.actions[:n_train],
+            data.rewards[:n_train],
+            batch_size=args.reward_batch_size,
+            max_steps=args.reward_steps,
+            seed=args.seed,
+        )
+        atomic_save(
+            dict(model_meta(args, data, config=reward_model.config, fit=stats), state_dict=reward_model.state_dict()),
+            folder / MODEL_FILES["reward"],
+        )
         timings["reward_s"] = time.time() - t0
         log({"losses/reward_holdout_mse": float(stats["holdout_mse"])}, None)
 
@@ -508,13 +632,32 @@ if __name__ == "__main__":
     t0 = time.time()
     report = model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_model, device, folder, log)
     timings["report_s"] = time.time() - t0
-    print(json.dumps({k: report[k] for k in ("dm_heldout_loss", "reward_heldout_mse", "dynamics_heldout_mse_per_member",
-                                             f"state_error_at_{args.rollout_length - 1}")}, indent=1))
-    print("one-step error of generated transitions vs the real simulator, by position in the window "
-          "(generated / copy s_t / ensemble):")
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "dm_heldout_loss",
+                    "reward_heldout_mse",
+                    "dynamics_heldout_mse_per_member",
+                    f"state_error_at_{args.rollout_length - 1}",
+                )
+            },
+            indent=1,
+        )
+    )
+    print(
+        "one-step error of generated transitions vs the real simulator, by position in the window "
+        "(generated / copy s_t / ensemble):"
+    )
     for name, kinds in report["one_step_error"].items():
-        print(f"  {name}: " + ", ".join(f"{p} {kinds['generated'][p]:.4g} / {kinds['copy'][p]:.4g} / "
-                                        f"{kinds['ensemble'][p]:.4g}" for p in kinds["generated"]))
+        print(
+            f"  {name}: "
+            + ", ".join(
+                f"{p} {kinds['generated'][p]:.4g} / {kinds['copy'][p]:.4g} / {kinds['ensemble'][p]:.4g}"
+                for p in kinds["generated"]
+            )
+        )
     print(f"timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
     print(f"models, report.json and report.png in {folder}")
     if wandb_run is not None:

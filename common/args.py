@@ -9,14 +9,23 @@ def shared_arg_problems(args) -> list[str]:
     if not 0.0 < args.filter_proportion <= 1.0:
         problems.append(f"--filter-proportion must be in (0, 1], got {args.filter_proportion}")
     elif args.filter_proportion * args.rollout_batch_size < 1:
-        problems.append(f"--filter-proportion {args.filter_proportion} keeps no trajectory of --rollout-batch-size "
-                        f"{args.rollout_batch_size}; raise either so that their product is >= 1")
+        problems.append(
+            f"--filter-proportion {args.filter_proportion} keeps no trajectory of --rollout-batch-size "
+            f"{args.rollout_batch_size}; raise either so that their product is >= 1"
+        )
     if args.num_iterations < 0:
         problems.append(f"--num-iterations must be >= 0, got {args.num_iterations}")
     if args.filter_temperature <= 0:
         problems.append(f"--filter-temperature must be > 0, got {args.filter_temperature}")
-    for name in ("total_steps", "batch_size", "eval_freq", "eval_episodes", "rollout_freq", "rollout_batch_size",
-                 "synthetic_buffer_size"):
+    for name in (
+        "total_steps",
+        "batch_size",
+        "eval_freq",
+        "eval_episodes",
+        "rollout_freq",
+        "rollout_batch_size",
+        "synthetic_buffer_size",
+    ):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.rollout_length < 2:

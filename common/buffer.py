@@ -33,8 +33,13 @@ class SyntheticBuffer:
         total = rank[-1]
         fits = valid & (rank > total - self.capacity)  # only the newest `capacity` rows fit
         slot = torch.where(fits, (self.ptr + rank - 1) % self.capacity, self.capacity)
-        for buf, x in ((self.obs, obs), (self.actions, actions), (self.rewards, rewards), (self.next_obs, next_obs),
-                       (self.dones, dones)):
+        for buf, x in (
+            (self.obs, obs),
+            (self.actions, actions),
+            (self.rewards, rewards),
+            (self.next_obs, next_obs),
+            (self.dones, dones),
+        ):
             buf[slot] = x.to(buf.dtype)
         self.ptr = (self.ptr + total) % self.capacity
         self.count = (self.count + total).clamp(max=self.capacity)
@@ -42,9 +47,16 @@ class SyntheticBuffer:
 
     def state_dict(self):
         s = self.size
-        return dict(capacity=self.capacity, size=s, ptr=int(self.ptr), obs=self.obs[:s].cpu(),
-                    actions=self.actions[:s].cpu(), rewards=self.rewards[:s].cpu(), next_obs=self.next_obs[:s].cpu(),
-                    dones=self.dones[:s].cpu())
+        return dict(
+            capacity=self.capacity,
+            size=s,
+            ptr=int(self.ptr),
+            obs=self.obs[:s].cpu(),
+            actions=self.actions[:s].cpu(),
+            rewards=self.rewards[:s].cpu(),
+            next_obs=self.next_obs[:s].cpu(),
+            dones=self.dones[:s].cpu(),
+        )
 
     def load_state_dict(self, d):
         s = int(d["size"])

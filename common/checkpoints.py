@@ -87,8 +87,14 @@ def load_dm(folder, fingerprint: str | None = None, device="cpu"):
     C = ckpt["state_dim"] + ckpt["action_dim"]
     # Files written before the network options existed hold the paper's network: the options' defaults.
     options = {k: ckpt[k] for k in ("full_res_skip", "padding_mode", "cond_channels", "relative_states") if k in ckpt}
-    denoiser = build_denoiser(ckpt["state_dim"], ckpt["action_dim"], dim=ckpt["dim"], dim_mults=tuple(ckpt["dim_mults"]),
-                              sigma_data=ckpt["sigma_data"], **options)
+    denoiser = build_denoiser(
+        ckpt["state_dim"],
+        ckpt["action_dim"],
+        dim=ckpt["dim"],
+        dim_mults=tuple(ckpt["dim_mults"]),
+        sigma_data=ckpt["sigma_data"],
+        **options,
+    )
     denoiser.load_state_dict(ckpt["state_dict"])
     normalizer = MinMaxNormalizer(torch.zeros(C), torch.ones(C))
     normalizer.load_state_dict(ckpt["normalizer"])
@@ -129,9 +135,19 @@ def load_or_pretrain_models(args, data, device):
     folder = models_folder(args.models_dir, args.env_id)
     if not all((folder / f).exists() for f in MODEL_FILES.values()):
         script = Path(__file__).resolve().parents[1] / "pretrain_models.py"
-        cmd = [sys.executable, str(script), "--env-id", args.env_id, "--models-dir", args.models_dir,
-               "--dataset-steps", str(args.dataset_steps), "--rollout-length", str(args.rollout_length),
-               *shlex.split(args.pretrain_args)]
+        cmd = [
+            sys.executable,
+            str(script),
+            "--env-id",
+            args.env_id,
+            "--models-dir",
+            args.models_dir,
+            "--dataset-steps",
+            str(args.dataset_steps),
+            "--rollout-length",
+            str(args.rollout_length),
+            *shlex.split(args.pretrain_args),
+        ]
         print(f"no pretrained models in {folder}: making them first (to do it separately: {shlex.join(cmd[1:])})")
         if subprocess.run(cmd).returncode != 0:
             raise SystemExit("pretraining failed; see its message above")
@@ -142,7 +158,9 @@ def load_or_pretrain_models(args, data, device):
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e))
     if dm_info["horizon"] != args.rollout_length:
-        raise SystemExit(f"the DM in {folder} was trained with L={dm_info['horizon']}, not --rollout-length "
-                         f"{args.rollout_length}; use --rollout-length {dm_info['horizon']} or pretrain with "
-                         f"--rollout-length {args.rollout_length}")
+        raise SystemExit(
+            f"the DM in {folder} was trained with L={dm_info['horizon']}, not --rollout-length "
+            f"{args.rollout_length}; use --rollout-length {dm_info['horizon']} or pretrain with "
+            f"--rollout-length {args.rollout_length}"
+        )
     return denoiser, dm_normalizer, dynamics, reward_model

@@ -16,8 +16,10 @@ def cuda_graphed(fn, modules, optimizers):
         if graph is None:
             static_batch = {k: v.clone() for k, v in batch.items()}
             weights = [(t, t.detach().clone()) for m in modules for t in m.state_dict(keep_vars=True).values()]
-            states = [{p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in opt.state.items()}
-                      for opt in optimizers]
+            states = [
+                {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in opt.state.items()}
+                for opt in optimizers
+            ]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

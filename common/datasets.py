@@ -46,7 +46,11 @@ class DatasetSpec:
         """Minari id of the locally generated PointMaze dataset (never the official id)."""
         if self.maze is None:
             return None
-        tag = "" if (dataset_steps, seed) == (pointmaze.DEFAULT_STEPS, pointmaze.DEFAULT_SEED) else f"-{dataset_steps}steps-seed{seed}"
+        tag = (
+            ""
+            if (dataset_steps, seed) == (pointmaze.DEFAULT_STEPS, pointmaze.DEFAULT_SEED)
+            else f"-{dataset_steps}steps-seed{seed}"
+        )
         return f"local/pointmaze/{self.maze}{'-dense' if self.dense else ''}{tag}-{pointmaze.RECIPE}"
 
 
@@ -193,18 +197,22 @@ class OfflineData:
 
     def tensors(self, device) -> dict:
         """The whole dataset as tensors on `device`: obs, actions, rewards, next_obs, dones (terminals, float)."""
-        return dict(obs=torch.as_tensor(self.observations, device=device),
-                    actions=torch.as_tensor(self.actions, device=device),
-                    rewards=torch.as_tensor(self.rewards, device=device),
-                    next_obs=torch.as_tensor(self.next_observations, device=device),
-                    dones=torch.as_tensor(self.terminals, dtype=torch.float32, device=device))
+        return dict(
+            obs=torch.as_tensor(self.observations, device=device),
+            actions=torch.as_tensor(self.actions, device=device),
+            rewards=torch.as_tensor(self.rewards, device=device),
+            next_obs=torch.as_tensor(self.next_observations, device=device),
+            dones=torch.as_tensor(self.terminals, dtype=torch.float32, device=device),
+        )
 
     def observation_stats(self, normalize: bool, device) -> tuple:
         """(mean, std) of the observations for z-scoring them, as float32 tensors; (0, 1) when not `normalize`."""
         mean = self.observations.mean(0) if normalize else np.zeros(self.obs_dim)
         std = self.observations.std(0) + 1e-3 if normalize else np.ones(self.obs_dim)
-        return (torch.as_tensor(mean, dtype=torch.float32, device=device),
-                torch.as_tensor(std, dtype=torch.float32, device=device))
+        return (
+            torch.as_tensor(mean, dtype=torch.float32, device=device),
+            torch.as_tensor(std, dtype=torch.float32, device=device),
+        )
 
     def make_eval_env(self):
         """The dataset's real evaluation environment."""
@@ -332,8 +340,17 @@ def _flatten(dataset_ids: list[str], env_id: str) -> OfflineData:
 
 
 CACHE_VERSION = 2  # bumped whenever the flattening changes
-_CACHED_ARRAYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts",
-                  "episode_starts", "segment_starts", "segment_ends")
+_CACHED_ARRAYS = (
+    "observations",
+    "actions",
+    "rewards",
+    "next_observations",
+    "terminals",
+    "timeouts",
+    "episode_starts",
+    "segment_starts",
+    "segment_ends",
+)
 
 
 def _source_key(dataset_ids: list[str]) -> str:
@@ -354,8 +371,9 @@ def _load_flat(dataset_ids: list[str], env_id: str) -> OfflineData:
 
     Reading a Minari HDF5 file episode by episode costs ~2 ms an episode; the cache loads in a second.
     """
-    import minari
     from pathlib import Path
+
+    import minari
 
     key = _source_key(dataset_ids)
     name = "dydiff-flat-" + hashlib.sha256(",".join(dataset_ids).encode()).hexdigest()[:8] + ".npz"
@@ -365,24 +383,40 @@ def _load_flat(dataset_ids: list[str], env_id: str) -> OfflineData:
             with np.load(path, allow_pickle=False) as z:
                 if str(z["key"]) == key:
                     return OfflineData(
-                        env_id=env_id, dataset_ids=tuple(dataset_ids), task=str(z["task"]),
-                        state_dim=int(z["state_dim"]), ref_min_score=float(z["ref_min_score"]),
-                        ref_max_score=float(z["ref_max_score"]), minari_dataset=minari.load_dataset(dataset_ids[0]),
+                        env_id=env_id,
+                        dataset_ids=tuple(dataset_ids),
+                        task=str(z["task"]),
+                        state_dim=int(z["state_dim"]),
+                        ref_min_score=float(z["ref_min_score"]),
+                        ref_max_score=float(z["ref_max_score"]),
+                        minari_dataset=minari.load_dataset(dataset_ids[0]),
                         **{k: z[k] for k in _CACHED_ARRAYS},
                     )
         except (OSError, KeyError, ValueError):
             pass  # unreadable cache: rebuild it
     data = _flatten(dataset_ids, env_id)
     tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, key=key, task=data.task, state_dim=data.state_dim, ref_min_score=data.ref_min_score,
-             ref_max_score=data.ref_max_score, **{k: getattr(data, k) for k in _CACHED_ARRAYS})
+    np.savez(
+        tmp,
+        key=key,
+        task=data.task,
+        state_dim=data.state_dim,
+        ref_min_score=data.ref_min_score,
+        ref_max_score=data.ref_max_score,
+        **{k: getattr(data, k) for k in _CACHED_ARRAYS},
+    )
     os.replace(tmp, path)
     return data
 
 
-def load_dataset(env_id: str, offline: bool | None = None, generate: bool = True,
-                 dataset_steps: int = pointmaze.DEFAULT_STEPS, seed: int = pointmaze.DEFAULT_SEED,
-                 progress: bool = True) -> OfflineData:
+def load_dataset(
+    env_id: str,
+    offline: bool | None = None,
+    generate: bool = True,
+    dataset_steps: int = pointmaze.DEFAULT_STEPS,
+    seed: int = pointmaze.DEFAULT_SEED,
+    progress: bool = True,
+) -> OfflineData:
     """Load `env_id` (D4RL-style name or Minari id) as OfflineData, fetching or generating it if needed.
 
     offline: skip the download attempt (default: the DYDIFF_OFFLINE environment variable).
@@ -404,7 +438,9 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("env_ids", nargs="+", help="--env-id names, e.g. maze2d-umaze maze2d-medium maze2d-large")
-    parser.add_argument("--dataset-steps", type=int, default=pointmaze.DEFAULT_STEPS, help="steps of a generated PointMaze dataset")
+    parser.add_argument(
+        "--dataset-steps", type=int, default=pointmaze.DEFAULT_STEPS, help="steps of a generated PointMaze dataset"
+    )
     parser.add_argument("--seed", type=int, default=pointmaze.DEFAULT_SEED, help="seed of a generated PointMaze dataset")
     parser.add_argument("--offline", action="store_true", help="do not try to download")
     args = parser.parse_args(argv)

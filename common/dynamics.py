@@ -93,13 +93,20 @@ class EnsembleLinear(nn.Module):
 class EnsembleDynamics(nn.Module):
     """MBPO-style probabilistic ensemble over the physical state: (s, a) -> Gaussian over s' - s."""
 
-    def __init__(self, state_dim: int, action_dim: int, num_members: int = 7, num_elites: int = 5,
-                 hidden: int = 200, layers: int = 4):
+    def __init__(
+        self, state_dim: int, action_dim: int, num_members: int = 7, num_elites: int = 5, hidden: int = 200, layers: int = 4
+    ):
         super().__init__()
         if not 1 <= num_elites <= num_members:
             raise ValueError(f"need 1 <= num_elites <= num_members, got {num_elites} and {num_members}")
-        self.config = dict(state_dim=state_dim, action_dim=action_dim, num_members=num_members,
-                           num_elites=num_elites, hidden=hidden, layers=layers)
+        self.config = dict(
+            state_dim=state_dim,
+            action_dim=action_dim,
+            num_members=num_members,
+            num_elites=num_elites,
+            hidden=hidden,
+            layers=layers,
+        )
         self.state_dim, self.action_dim = state_dim, action_dim
         self.num_members, self.num_elites = num_members, num_elites
         dims = [state_dim + action_dim] + [hidden] * layers
@@ -123,8 +130,7 @@ class EnsembleDynamics(nn.Module):
 
     # ---------------------------------------------------------------- forward / prediction
 
-    def _forward_normalized(self, x: torch.Tensor,
-                            members: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_normalized(self, x: torch.Tensor, members: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """z-scored inputs [E, B, S+A] -> z-scored Δs mean and bounded log-variance, each [E, B, S].
 
         With `members` (K indices), only those members are computed: [K, B, S+A] -> [K, B, S] each.
@@ -132,8 +138,9 @@ class EnsembleDynamics(nn.Module):
         for layer in self.hidden_layers:
             x = F.silu(layer(x, members))
         mean, logvar = self.output_layer(x, members).chunk(2, dim=-1)
-        max_logvar, min_logvar = ((self.max_logvar, self.min_logvar) if members is None
-                                  else (self.max_logvar[members], self.min_logvar[members]))
+        max_logvar, min_logvar = (
+            (self.max_logvar, self.min_logvar) if members is None else (self.max_logvar[members], self.min_logvar[members])
+        )
         # Soft clamp (MBPO): smooth, so the bounds themselves receive gradients and can tighten.
         logvar = max_logvar - F.softplus(max_logvar - logvar)
         logvar = min_logvar + F.softplus(logvar - min_logvar)
@@ -156,8 +163,7 @@ class EnsembleDynamics(nn.Module):
         return delta_z * self.delta_std + self.delta_mean
 
     @torch.no_grad()
-    def predict(self, states, actions, deterministic: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def predict(self, states, actions, deterministic: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         """Raw next states [B, S]; each row from a uniformly random elite, mean + std * noise unless deterministic."""
         states, actions = _as_tensor(states, self.device), _as_tensor(actions, self.device)
         # One batched pass over the elites only: non-elite members are never computed.
@@ -170,8 +176,9 @@ class EnsembleDynamics(nn.Module):
         return states + self._delta_to_raw(delta)
 
     @torch.no_grad()
-    def rollout(self, policy, s0, L: int, context=None, deterministic: bool = False,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def rollout(
+        self, policy, s0, L: int, context=None, deterministic: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Autoregressive rollout with `policy` ([B, S+C] -> [B, A]): states s_0..s_{L-1} [B, L, S], actions [B, L, A]."""
         s = _as_tensor(s0, self.device)
         B = len(s)
@@ -202,8 +209,8 @@ class EnsembleDynamics(nn.Module):
         sq_z = torch.zeros(self.num_members, device=self.device)
         sq_raw = torch.zeros(self.num_members, device=self.device)
         for i in range(0, len(x_norm), EVAL_CHUNK):
-            x = x_norm[i:i + EVAL_CHUNK].unsqueeze(0).expand(self.num_members, -1, -1)
-            err_z = self._forward_normalized(x)[0] - delta_z[i:i + EVAL_CHUNK]
+            x = x_norm[i : i + EVAL_CHUNK].unsqueeze(0).expand(self.num_members, -1, -1)
+            err_z = self._forward_normalized(x)[0] - delta_z[i : i + EVAL_CHUNK]
             sq_z += err_z.pow(2).sum(dim=(1, 2))
             sq_raw += (err_z * self.delta_std).pow(2).sum(dim=(1, 2))  # Δ error in raw units = s' error
         n = max(len(x_norm), 1) * self.state_dim
@@ -232,10 +239,23 @@ class EnsembleDynamics(nn.Module):
 
     # ---------------------------------------------------------------- training
 
-    def fit(self, states, actions, next_states, holdout_fraction: float = 0.1, batch_size: int = 256,
-            max_epochs: int | None = None, max_steps: int | None = None, patience: int = 5, lr: float = 1e-3,
-            weight_decay: float = 5e-5, logvar_bound_coef: float = 0.01, bootstrap: bool = True,
-            progress: bool = True, seed: int | None = None) -> dict:
+    def fit(
+        self,
+        states,
+        actions,
+        next_states,
+        holdout_fraction: float = 0.1,
+        batch_size: int = 256,
+        max_epochs: int | None = None,
+        max_steps: int | None = None,
+        patience: int = 5,
+        lr: float = 1e-3,
+        weight_decay: float = 5e-5,
+        logvar_bound_coef: float = 0.01,
+        bootstrap: bool = True,
+        progress: bool = True,
+        seed: int | None = None,
+    ) -> dict:
         """Fit normalizers and all members (Gaussian NLL, early stopping on held-out MSE), then pick the elites.
 
         Each member trains on its own bootstrap resample of the training split (MBPO), reshuffled every
@@ -260,24 +280,32 @@ class EnsembleDynamics(nn.Module):
         # Weight decay on the layer weights only (MBPO's L2 penalty), not on biases or the logvar bounds.
         weights = [layer.weight for layer in [*self.hidden_layers, self.output_layer]]
         others = [p for p in self.parameters() if all(p is not w for w in weights)]
-        optimizer = torch.optim.Adam([{"params": weights, "weight_decay": weight_decay},
-                                      {"params": others, "weight_decay": 0.0}], lr=lr)
+        optimizer = torch.optim.Adam(
+            [{"params": weights, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}], lr=lr
+        )
 
         # Every parameter has the member as its first dimension, so a member's best weights are a slice.
         best_params = {name: p.detach().clone() for name, p in self.named_parameters()}
         best_mse = torch.full((self.num_members,), float("inf"), device=self.device)
-        member_train = (torch.randint(n_train, (self.num_members, n_train), generator=g) if bootstrap
-                        else torch.arange(n_train).expand(self.num_members, -1))
+        member_train = (
+            torch.randint(n_train, (self.num_members, n_train), generator=g)
+            if bootstrap
+            else torch.arange(n_train).expand(self.num_members, -1)
+        )
         steps, epochs, epochs_since_update = 0, 0, 0
-        bar = tqdm(range(max_epochs) if max_epochs is not None else itertools.count(),
-                   desc="dynamics ensemble", disable=not progress, leave=False)
+        bar = tqdm(
+            range(max_epochs) if max_epochs is not None else itertools.count(),
+            desc="dynamics ensemble",
+            disable=not progress,
+            leave=False,
+        )
         for _ in bar:
             # Each member its own shuffle of its own resample: [E, n_train] row indices.
             order = torch.argsort(torch.rand(self.num_members, n_train, generator=g), dim=1)
             epoch_idx = torch.gather(member_train, 1, order).to(self.device)
             self.train()
             for i in range(0, n_train, batch_size):
-                idx = epoch_idx[:, i:i + batch_size]
+                idx = epoch_idx[:, i : i + batch_size]
                 mean, logvar = self._forward_normalized(x_train[idx])  # [E, b, S+A] -> [E, b, S]
                 target = y_train[idx]
                 # Gaussian NLL (up to constants), averaged over rows and dims, summed over members.
@@ -310,8 +338,8 @@ class EnsembleDynamics(nn.Module):
         mse_z, mse_raw = self._member_mse(x_hold, y_hold)
         self.elites.copy_(torch.argsort(mse_z)[: self.num_elites].sort().values)
         return {
-            "holdout_mse": mse_z.tolist(),          # per member, z-scored Δs units
-            "holdout_mse_raw": mse_raw.tolist(),    # per member, raw state units
+            "holdout_mse": mse_z.tolist(),  # per member, z-scored Δs units
+            "holdout_mse_raw": mse_raw.tolist(),  # per member, raw state units
             "elites": self.elites.tolist(),
             "elite_holdout_mse_raw": mse_raw[self.elites].mean().item(),
             "epochs": epochs,
@@ -355,13 +383,30 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def _mse(self, x_norm: torch.Tensor, r_norm: torch.Tensor) -> float:
         """MSE in raw reward units on z-scored data."""
-        sq = sum(((self._forward_normalized(x_norm[i:i + EVAL_CHUNK]) - r_norm[i:i + EVAL_CHUNK]) * self.reward_std)
-                 .pow(2).sum().item() for i in range(0, len(x_norm), EVAL_CHUNK))
+        sq = sum(
+            ((self._forward_normalized(x_norm[i : i + EVAL_CHUNK]) - r_norm[i : i + EVAL_CHUNK]) * self.reward_std)
+            .pow(2)
+            .sum()
+            .item()
+            for i in range(0, len(x_norm), EVAL_CHUNK)
+        )
         return sq / max(len(x_norm), 1)
 
-    def fit(self, observations, actions, rewards, holdout_fraction: float = 0.1, batch_size: int = 256,
-            max_steps: int = 100_000, eval_every: int = 1000, patience: int = 10, lr: float = 1e-3,
-            weight_decay: float = 0.0, progress: bool = True, seed: int | None = None) -> dict:
+    def fit(
+        self,
+        observations,
+        actions,
+        rewards,
+        holdout_fraction: float = 0.1,
+        batch_size: int = 256,
+        max_steps: int = 100_000,
+        eval_every: int = 1000,
+        patience: int = 10,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        progress: bool = True,
+        seed: int | None = None,
+    ) -> dict:
         """Regress rewards (MSE on z-scored rewards), early stopping on held-out MSE; keeps the best weights.
 
         Evaluates every `eval_every` steps and stops after `patience` evaluations without a new best.
@@ -405,5 +450,11 @@ class RewardModel(nn.Module):
         if best_state is not None:
             self.net.load_state_dict(best_state)
         self.eval()
-        return {"train_mse": self._mse(x_train, r_train), "holdout_mse": self._mse(x_hold, r_hold),
-                "best_step": best_step, "steps": step, "num_train": len(x_train), "num_holdout": len(hold_idx)}
+        return {
+            "train_mse": self._mse(x_train, r_train),
+            "holdout_mse": self._mse(x_hold, r_hold),
+            "best_step": best_step,
+            "steps": step,
+            "num_train": len(x_train),
+            "num_holdout": len(hold_idx),
+        }

@@ -100,8 +100,9 @@ class SinusoidalEmbedding(nn.Module):
 class Conv1dBlock(nn.Sequential):
     """Conv1d (same length) -> GroupNorm(8) -> Mish, on [B, channels, L]."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5, n_groups: int = 8,
-                 padding_mode: str = "zeros"):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 5, n_groups: int = 8, padding_mode: str = "zeros"
+    ):
         super().__init__(
             nn.Conv1d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, padding_mode=padding_mode),
             nn.GroupNorm(n_groups, out_channels),
@@ -112,8 +113,7 @@ class Conv1dBlock(nn.Sequential):
 class ResidualTemporalBlock(nn.Module):
     """Two Conv1dBlocks with the noise embedding added between them, plus a residual connection."""
 
-    def __init__(self, in_channels: int, out_channels: int, embed_dim: int, kernel_size: int = 5,
-                 padding_mode: str = "zeros"):
+    def __init__(self, in_channels: int, out_channels: int, embed_dim: int, kernel_size: int = 5, padding_mode: str = "zeros"):
         super().__init__()
         self.block1 = Conv1dBlock(in_channels, out_channels, kernel_size, padding_mode=padding_mode)
         self.block2 = Conv1dBlock(out_channels, out_channels, kernel_size, padding_mode=padding_mode)
@@ -136,8 +136,15 @@ class TemporalUnet(nn.Module):
     time axis with the edge rows instead of zeros.
     """
 
-    def __init__(self, transition_dim: int, dim: int = 128, dim_mults: tuple[int, ...] = (1, 4, 8),
-                 in_channels: int | None = None, full_res_skip: bool = False, padding_mode: str = "zeros"):
+    def __init__(
+        self,
+        transition_dim: int,
+        dim: int = 128,
+        dim_mults: tuple[int, ...] = (1, 4, 8),
+        in_channels: int | None = None,
+        full_res_skip: bool = False,
+        padding_mode: str = "zeros",
+    ):
         """transition_dim: C = S + A, the output width; dim: base width; dim_mults: width of each resolution
         level; in_channels: input width (default C; more when conditions come as extra channels)."""
         super().__init__()
@@ -150,19 +157,22 @@ class TemporalUnet(nn.Module):
         self.padding_mode = padding_mode
         block = lambda d_in, d_out: ResidualTemporalBlock(d_in, d_out, dim, padding_mode=padding_mode)  # noqa: E731
 
-        self.noise_mlp = nn.Sequential(
-            SinusoidalEmbedding(dim), nn.Linear(dim, dim * 4), nn.Mish(), nn.Linear(dim * 4, dim)
-        )
+        self.noise_mlp = nn.Sequential(SinusoidalEmbedding(dim), nn.Linear(dim, dim * 4), nn.Mish(), nn.Linear(dim * 4, dim))
 
         self.downs = nn.ModuleList()
         for level, (d_in, d_out) in enumerate(in_out):
             is_last = level == len(in_out) - 1
-            self.downs.append(nn.ModuleList([
-                block(d_in, d_out),
-                block(d_out, d_out),
-                nn.Conv1d(d_out, d_out, 3, stride=2, padding=1, padding_mode=padding_mode)  # Downsample1d
-                if not is_last else nn.Identity(),
-            ]))
+            self.downs.append(
+                nn.ModuleList(
+                    [
+                        block(d_in, d_out),
+                        block(d_out, d_out),
+                        nn.Conv1d(d_out, d_out, 3, stride=2, padding=1, padding_mode=padding_mode)  # Downsample1d
+                        if not is_last
+                        else nn.Identity(),
+                    ]
+                )
+            )
 
         self.mid1 = block(dims[-1], dims[-1])
         self.mid2 = block(dims[-1], dims[-1])
@@ -171,11 +181,15 @@ class TemporalUnet(nn.Module):
         # len(dim_mults) - 1 downsamplings and ends at width `dim`; the finest skip is used only with full_res_skip.
         self.ups = nn.ModuleList()
         for d_in, d_out in reversed(in_out[1:]):
-            self.ups.append(nn.ModuleList([
-                block(d_out * 2, d_in),
-                block(d_in, d_in),
-                nn.ConvTranspose1d(d_in, d_in, 4, stride=2, padding=1),  # Upsample1d
-            ]))
+            self.ups.append(
+                nn.ModuleList(
+                    [
+                        block(d_out * 2, d_in),
+                        block(d_in, d_in),
+                        nn.ConvTranspose1d(d_in, d_in, 4, stride=2, padding=1),  # Upsample1d
+                    ]
+                )
+            )
 
         final_in = dim * 2 if full_res_skip else dim
         self.final = nn.Sequential(Conv1dBlock(final_in, dim, padding_mode=padding_mode), nn.Conv1d(dim, transition_dim, 1))
@@ -184,7 +198,7 @@ class TemporalUnet(nn.Module):
         """x [B, L, C_in], noise [B] (EDM's c_noise) -> [B, L, C]."""
         L = x.shape[1]
         # Each downsampling halves the time axis: pad it to a multiple of 2**num_downsamples, crop at the end.
-        multiple = 2 ** self.num_downsamples
+        multiple = 2**self.num_downsamples
         pad = (-L) % multiple
         h = F.pad(x.transpose(1, 2), (0, pad), mode="constant" if self.padding_mode == "zeros" else "replicate")
         emb = self.noise_mlp(noise.reshape(-1).to(x.dtype).expand(x.shape[0]))
@@ -224,8 +238,9 @@ class EDMPrecond(nn.Module):
     them clean (hard replacement, in training and in sampling).
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, cond_channels: tuple[int, int] | None = None,
-                 relative_states: int = 0):
+    def __init__(
+        self, net: nn.Module, sigma_data: float = 0.5, cond_channels: tuple[int, int] | None = None, relative_states: int = 0
+    ):
         """net: F(x [B, L, C(+S+A)], noise [B]) -> [B, L, C]; sigma_data: std of the (normalized) data;
         cond_channels: (S, A) to give F the clean s_0 and actions as extra channels, None for the paper's F;
         relative_states: S to denoise the states relative to s_0, 0 for the paper's absolute states."""
@@ -245,28 +260,53 @@ class EDMPrecond(nn.Module):
         c_noise = sigma.log().reshape(-1) / 4  # c_noise = ln(sigma) / 4
         shift = torch.zeros_like(x[:, :1])
         if self.relative_states:  # s_0 in the state columns, zero in the action columns
-            shift = F.pad(x[:, :1, :self.relative_states], (0, x.shape[-1] - self.relative_states))
+            shift = F.pad(x[:, :1, : self.relative_states], (0, x.shape[-1] - self.relative_states))
         net_in = c_in * (x - shift)
         if self.cond_channels:
             S, A = self.cond_channels
             s0 = x[:, :1, :S].expand(-1, x.shape[1], -1)
-            net_in = torch.cat([net_in, s0, x[:, :, S:S + A]], dim=-1)
+            net_in = torch.cat([net_in, s0, x[:, :, S : S + A]], dim=-1)
         return c_skip * (x - shift) + c_out * self.net(net_in, c_noise) + shift
 
 
-def build_denoiser(state_dim: int, action_dim: int, dim: int = 128, dim_mults: tuple[int, ...] = (1, 4, 8),
-                   sigma_data: float = 0.5, full_res_skip: bool = False, padding_mode: str = "zeros",
-                   cond_channels: bool = False, relative_states: bool = False) -> EDMPrecond:
+def build_denoiser(
+    state_dim: int,
+    action_dim: int,
+    dim: int = 128,
+    dim_mults: tuple[int, ...] = (1, 4, 8),
+    sigma_data: float = 0.5,
+    full_res_skip: bool = False,
+    padding_mode: str = "zeros",
+    cond_channels: bool = False,
+    relative_states: bool = False,
+) -> EDMPrecond:
     """The DM's denoiser: an EDMPrecond around a TemporalUnet. The defaults are the paper's network."""
     C = state_dim + action_dim
-    net = TemporalUnet(C, dim=dim, dim_mults=tuple(dim_mults), in_channels=2 * C if cond_channels else C,
-                       full_res_skip=full_res_skip, padding_mode=padding_mode)
-    return EDMPrecond(net, sigma_data=sigma_data, cond_channels=(state_dim, action_dim) if cond_channels else None,
-                      relative_states=state_dim if relative_states else 0)
+    net = TemporalUnet(
+        C,
+        dim=dim,
+        dim_mults=tuple(dim_mults),
+        in_channels=2 * C if cond_channels else C,
+        full_res_skip=full_res_skip,
+        padding_mode=padding_mode,
+    )
+    return EDMPrecond(
+        net,
+        sigma_data=sigma_data,
+        cond_channels=(state_dim, action_dim) if cond_channels else None,
+        relative_states=state_dim if relative_states else 0,
+    )
 
 
-def edm_loss(denoiser, x0: torch.Tensor, cond_mask: torch.Tensor, P_mean: float = -1.2, P_std: float = 1.2,
-             valid: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def edm_loss(
+    denoiser,
+    x0: torch.Tensor,
+    cond_mask: torch.Tensor,
+    P_mean: float = -1.2,
+    P_std: float = 1.2,
+    valid: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Paper Eq. 4: EDM loss on the generated entries only, conditions clean (hard-replaced) in the input.
 
     denoiser: D(x, sigma [B]) with attribute sigma_data (an EDMPrecond); x0 [B, L, C] clean windows;
@@ -291,10 +331,20 @@ def edm_loss(denoiser, x0: torch.Tensor, cond_mask: torch.Tensor, P_mean: float 
 
 
 @torch.no_grad()
-def edm_sampler(denoiser, cond: torch.Tensor, cond_mask: torch.Tensor, num_steps: int = 34,
-                sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-                S_churn: float = 60.0, S_min: float = 0.370, S_max: float = 52.212, S_noise: float = 1.002,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def edm_sampler(
+    denoiser,
+    cond: torch.Tensor,
+    cond_mask: torch.Tensor,
+    num_steps: int = 34,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    S_churn: float = 60.0,
+    S_min: float = 0.370,
+    S_max: float = 52.212,
+    S_noise: float = 1.002,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Paper Alg. 2: EDM's stochastic Heun sampler, with s_0 and the actions hard-replaced after every step.
 
     cond [B, L, C] holds the conditions (only its cond_mask entries are read); cond_mask [L, C].
@@ -314,7 +364,9 @@ def edm_sampler(denoiser, cond: torch.Tensor, cond_mask: torch.Tensor, num_steps
 
     # Time step discretization.
     step_indices = torch.arange(num_steps, dtype=torch.float64)
-    t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = (
+        sigma_max ** (1 / rho) + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+    ) ** rho
     t_steps = torch.cat([t_steps, torch.zeros(1, dtype=torch.float64)]).tolist()  # t_N = 0
 
     # Main sampling loop. Unlike NVlabs (float64), x stays in cond's dtype: the network runs in it anyway.
@@ -345,9 +397,16 @@ def edm_sampler(denoiser, cond: torch.Tensor, cond_mask: torch.Tensor, num_steps
 
 
 @torch.no_grad()
-def refine_states(denoiser, normalizer: MinMaxNormalizer, s0: torch.Tensor, actions: torch.Tensor,
-                  num_steps: int = 34, S_churn: float = 60.0, generator: torch.Generator | None = None,
-                  bf16: bool = False) -> torch.Tensor:
+def refine_states(
+    denoiser,
+    normalizer: MinMaxNormalizer,
+    s0: torch.Tensor,
+    actions: torch.Tensor,
+    num_steps: int = 34,
+    S_churn: float = 60.0,
+    generator: torch.Generator | None = None,
+    bf16: bool = False,
+) -> torch.Tensor:
     """One DM refinement of DyDiff (paper Alg. 1, step c): the states of a window given s_0 and the actions.
 
     s0 [B, S] and actions [B, L, A] in raw units; returns states [B, L, S] in raw units whose row 0 is s0
@@ -359,8 +418,7 @@ def refine_states(denoiser, normalizer: MinMaxNormalizer, s0: torch.Tensor, acti
     cond = torch.cat([s0[:, None, :].expand(B, L, S), actions], dim=-1)
     mask = condition_mask(L, S, A, device=s0.device)
     with torch.autocast(s0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        x = edm_sampler(denoiser, normalizer.normalize(cond), mask, num_steps=num_steps, S_churn=S_churn,
-                        generator=generator)
+        x = edm_sampler(denoiser, normalizer.normalize(cond), mask, num_steps=num_steps, S_churn=S_churn, generator=generator)
     return torch.cat([s0[:, None], normalizer.unnormalize(x)[:, 1:, :S]], dim=1)
 
 

@@ -135,11 +135,13 @@ def numpy_policy(policy: Callable, device) -> Callable[[np.ndarray], np.ndarray]
 
     def act(obs: np.ndarray) -> np.ndarray:
         return policy(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+
     return act
 
 
-def evaluate(policy: Callable[[np.ndarray], np.ndarray], envs: gym.vector.VectorEnv, seed: int,
-             ref_min: float, ref_max: float) -> tuple[np.ndarray, np.ndarray]:
+def evaluate(
+    policy: Callable[[np.ndarray], np.ndarray], envs: gym.vector.VectorEnv, seed: int, ref_min: float, ref_max: float
+) -> tuple[np.ndarray, np.ndarray]:
     """One episode in each of the `envs.num_envs` copies of a vector env (see vector_env), all stepped together.
 
     `policy` maps flat observations [n, obs_dim] to actions [n, act_dim]: one call per step for every copy.

@@ -170,8 +170,16 @@ class WaypointController:
     within the 0.45 success radius of any goal in that cell).
     """
 
-    def __init__(self, maze, rng: np.random.RandomState | None = None, solver: str = DEFAULT_SOLVER,
-                 kp: float = 10.0, kd: float = -1.0, threshold: float = 0.1, jitter: float = 0.2):
+    def __init__(
+        self,
+        maze,
+        rng: np.random.RandomState | None = None,
+        solver: str = DEFAULT_SOLVER,
+        kp: float = 10.0,
+        kd: float = -1.0,
+        threshold: float = 0.1,
+        jitter: float = 0.2,
+    ):
         if solver not in SOLVERS:
             raise ValueError(f"unknown maze solver {solver!r}; known: {', '.join(SOLVERS)}")
         self.maze, self.kp, self.kd, self.threshold, self.jitter = maze, kp, kd, threshold, jitter
@@ -227,8 +235,13 @@ def _episode(obs_list, actions, rewards):
     )
 
 
-def reference_scores(maze: str, dense: bool = False, rng: np.random.RandomState | None = None,
-                     solver: str = DEFAULT_SOLVER, episodes: int = REF_EPISODES) -> tuple[float, float]:
+def reference_scores(
+    maze: str,
+    dense: bool = False,
+    rng: np.random.RandomState | None = None,
+    solver: str = DEFAULT_SOLVER,
+    episodes: int = REF_EPISODES,
+) -> tuple[float, float]:
     """(ref_min, ref_max) as Minari computes them when a dataset is created with an eval env and an expert:
     minari.utils.get_average_reference_score over `episodes` episodes of the evaluation env (reset with
     seed 123, then unseeded) for a uniform-random policy (its action space seeded with 123) and for the
@@ -243,9 +256,16 @@ def reference_scores(maze: str, dense: bool = False, rng: np.random.RandomState 
     return ref_min, ref_max
 
 
-def collect(maze: str, dense: bool = False, dataset_steps: int = DEFAULT_STEPS, seed: int = DEFAULT_SEED,
-            solver: str = DEFAULT_SOLVER, checkpoint_every: int = CHECKPOINT_EVERY, ref_episodes: int = REF_EPISODES,
-            progress: bool = True) -> tuple[gym.Env, list[dict], tuple[float, float] | None]:
+def collect(
+    maze: str,
+    dense: bool = False,
+    dataset_steps: int = DEFAULT_STEPS,
+    seed: int = DEFAULT_SEED,
+    solver: str = DEFAULT_SOLVER,
+    checkpoint_every: int = CHECKPOINT_EVERY,
+    ref_episodes: int = REF_EPISODES,
+    progress: bool = True,
+) -> tuple[gym.Env, list[dict], tuple[float, float] | None]:
     """Run the noisy expert for `dataset_steps` steps as create_pointmaze_dataset.py does.
 
     Returns the env, the episodes (dicts of arrays, as Minari's DataCollector records them) and the
@@ -272,8 +292,7 @@ def collect(maze: str, dense: bool = False, dataset_steps: int = DEFAULT_STEPS, 
     obs, _ = env.reset(seed=seed)
     refs = None
     episodes, ep_obs, ep_act, ep_rew = [], [obs], [], []
-    for t in tqdm(range(dataset_steps), desc=f"generating maze2d-{maze}", unit="step", disable=not progress,
-                  mininterval=1.0):
+    for t in tqdm(range(dataset_steps), desc=f"generating maze2d-{maze}", unit="step", disable=not progress, mininterval=1.0):
         action = np.clip(controller.compute_action(obs) + rng.randn(2) * ACTION_NOISE_STD, -1.0, 1.0)
         obs, reward, _, truncated, info = env.step(action)
         ep_obs.append(obs)
@@ -285,8 +304,10 @@ def collect(maze: str, dense: bool = False, dataset_steps: int = DEFAULT_STEPS, 
             ep_obs, ep_act, ep_rew = [obs], [], []
         if checkpoint and refs is None and ref_episodes > 0:
             if progress:
-                tqdm.write(f"[dydiff] reference scores: {ref_episodes} random and {ref_episodes} expert episodes "
-                           "of the evaluation env")
+                tqdm.write(
+                    f"[dydiff] reference scores: {ref_episodes} random and {ref_episodes} expert episodes "
+                    "of the evaluation env"
+                )
             refs = reference_scores(maze, dense, rng, solver, ref_episodes)
         if checkpoint and t + 1 < dataset_steps:
             seed += 1
@@ -295,16 +316,24 @@ def collect(maze: str, dense: bool = False, dataset_steps: int = DEFAULT_STEPS, 
     return env, episodes, refs
 
 
-def generate_dataset(dataset_id: str, maze: str, dense: bool = False, dataset_steps: int = DEFAULT_STEPS,
-                     seed: int = DEFAULT_SEED, solver: str = DEFAULT_SOLVER, checkpoint_every: int = CHECKPOINT_EVERY,
-                     progress: bool = True):
+def generate_dataset(
+    dataset_id: str,
+    maze: str,
+    dense: bool = False,
+    dataset_steps: int = DEFAULT_STEPS,
+    seed: int = DEFAULT_SEED,
+    solver: str = DEFAULT_SOLVER,
+    checkpoint_every: int = CHECKPOINT_EVERY,
+    progress: bool = True,
+):
     """Collect and store a PointMaze dataset as a Minari dataset under `dataset_id` (see `collect`)."""
     import minari
     from minari.data_collector import EpisodeBuffer
     from minari.storage import get_dataset_path
 
-    env, episodes, (ref_min, ref_max) = collect(maze, dense, dataset_steps, seed, solver, checkpoint_every,
-                                                REF_EPISODES, progress)
+    env, episodes, (ref_min, ref_max) = collect(
+        maze, dense, dataset_steps, seed, solver, checkpoint_every, REF_EPISODES, progress
+    )
     buffers = [EpisodeBuffer(id=i, infos={}, **ep) for i, ep in enumerate(episodes)]
     eval_env = make_eval_env(maze, dense)
     # Write into a hidden folder of the store (Minari skips those), then move it into place in one
@@ -371,8 +400,9 @@ def maze_picture(data, states, keep, path):
     kept = np.zeros(len(xy), dtype=bool)
     kept[keep.cpu().numpy()] = True
     for n in range(min(64, len(xy))):
-        ax.plot(xy[n, :, 0], xy[n, :, 1], lw=0.8, color=("tab:red" if crossing[n] else "tab:blue"),
-                alpha=0.9 if kept[n] else 0.3)
+        ax.plot(
+            xy[n, :, 0], xy[n, :, 1], lw=0.8, color=("tab:red" if crossing[n] else "tab:blue"), alpha=0.9 if kept[n] else 0.3
+        )
     ax.set_aspect("equal")
     ax.set_xlim(-maze.x_map_center, maze.x_map_center)
     ax.set_ylim(-maze.y_map_center, maze.y_map_center)

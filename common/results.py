@@ -66,14 +66,33 @@ def summarize_run(run_dir: Path) -> dict:
     else:
         scores = [evals[s] for s in steps]
     return dict(
-        version=SUMMARY_VERSION, run=run_dir.name, arm=arm_name(args), env_id=args.get("env_id"),
-        seed=args.get("seed"), total_steps=args.get("total_steps"), finished=result is not None,
+        version=SUMMARY_VERSION,
+        run=run_dir.name,
+        arm=arm_name(args),
+        env_id=args.get("env_id"),
+        seed=args.get("seed"),
+        total_steps=args.get("total_steps"),
+        finished=result is not None,
         final_normalized_score=None if result is None else result["final_normalized_score"],
         wall_time_s=None if result is None else result.get("wall_time_s"),
-        eval_steps=steps, eval_scores=scores,
-        args={k: args.get(k) for k in ("rollout_batch_size", "rollout_freq", "synthetic_buffer_size", "real_ratio",
-                                        "num_iterations", "sampler_steps", "sampler_churn", "eval_freq",
-                                        "eval_episodes", "models_dir", "dydiff")},
+        eval_steps=steps,
+        eval_scores=scores,
+        args={
+            k: args.get(k)
+            for k in (
+                "rollout_batch_size",
+                "rollout_freq",
+                "synthetic_buffer_size",
+                "real_ratio",
+                "num_iterations",
+                "sampler_steps",
+                "sampler_churn",
+                "eval_freq",
+                "eval_episodes",
+                "models_dir",
+                "dydiff",
+            )
+        },
     )
 
 
@@ -99,7 +118,7 @@ def group(summaries: list[dict]) -> dict[tuple, list[dict]]:
     for s in summaries:
         groups.setdefault((s["env_id"], s["arm"]), []).append(s)
     for runs in groups.values():
-        runs.sort(key=lambda s: (s["seed"] if s["seed"] is not None else -1))
+        runs.sort(key=lambda s: s["seed"] if s["seed"] is not None else -1)
     return groups
 
 
@@ -118,8 +137,10 @@ def _duration(seconds: float | None) -> str:
 
 def table(summaries: list[dict]) -> str:
     """Markdown: one row per (env, arm); the final score is the mean of each run's last 5 evaluations."""
-    lines = ["| env | arm | seeds | final normalized score (mean ± std) | per seed | steps | wall time per run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| env | arm | seeds | final normalized score (mean ± std) | per seed | steps | wall time per run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (env_id, arm), runs in group(summaries).items():
         done = [r for r in runs if r["finished"]]
         if done:
@@ -132,8 +153,11 @@ def table(summaries: list[dict]) -> str:
             score, per_seed, wall = "—", "—", "—"
         unfinished = len(runs) - len(done)
         if unfinished:
-            last = ", ".join(f"seed {r['seed']} at step {r['eval_steps'][-1] if r['eval_steps'] else 0:,}"
-                             for r in runs if not r["finished"])
+            last = ", ".join(
+                f"seed {r['seed']} at step {r['eval_steps'][-1] if r['eval_steps'] else 0:,}"
+                for r in runs
+                if not r["finished"]
+            )
             per_seed += f"; unfinished: {last}"
         steps = ", ".join(sorted({f"{r['total_steps']:,}" for r in runs}))
         lines.append(f"| {env_id} | {arm} | {len(done)} | {score} | {per_seed} | {steps} | {wall} |")

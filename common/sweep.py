@@ -26,8 +26,16 @@ def command(algo: str, env_id: str, seed: int, dydiff: bool, extra: list[str] = 
     """The command line of one run of the grid."""
     if algo not in ALGOS:
         raise SystemExit(f"unknown --algo {algo!r}; known: {', '.join(ALGOS)}")
-    cmd = [sys.executable, str(ROOT / f"{algo}.py"), "--env-id", env_id, "--seed", str(seed),
-           "--exp-name", f"{algo}{'' if dydiff else '-base'}"]
+    cmd = [
+        sys.executable,
+        str(ROOT / f"{algo}.py"),
+        "--env-id",
+        env_id,
+        "--seed",
+        str(seed),
+        "--exp-name",
+        f"{algo}{'' if dydiff else '-base'}",
+    ]
     return cmd + ([] if dydiff else ["--no-dydiff"]) + list(extra)
 
 

@@ -25,22 +25,36 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common.checkpoints import load_model_file  # noqa: E402
-from common.dynamics import EnsembleDynamics, RewardModel  # noqa: E402
-from common.edm import EDMPrecond, MinMaxNormalizer, TemporalUnet, condition_mask, edm_sampler, refine_states  # noqa: E402
-from common.envs import evaluate, flatten_obs, numpy_policy, termination_fn, vector_env  # noqa: E402
-from common.buffer import SyntheticBuffer  # noqa: E402
-from common.cudagraphs import cuda_graphed  # noqa: E402
-from dydiff_td3bc import Actor, Critic, alive_mask, filter_trajectories, make_update_fns, mixed_batch  # noqa: E402
+from common.buffer import SyntheticBuffer
+from common.checkpoints import load_model_file
+from common.cudagraphs import cuda_graphed
+from common.dynamics import EnsembleDynamics, RewardModel
+from common.edm import EDMPrecond, MinMaxNormalizer, TemporalUnet, condition_mask, edm_sampler, refine_states
+from common.envs import evaluate, flatten_obs, numpy_policy, termination_fn, vector_env
+from dydiff_td3bc import Actor, Critic, alive_mask, filter_trajectories, make_update_fns, mixed_batch
 
 S, CONTEXT, A = 4, 2, 2  # maze2d: physical state (x, y, vx, vy), goal (x, y), force (fx, fy)
 OBS = S + CONTEXT
 
 SIZES = {  # what --size picks; the paper's values are the "full" ones (Tables 3 and 4)
-    "full": dict(dm_dim=128, dm_dim_mults=(1, 4, 8), rollout_batch_size=2048, real_size=1_000_000,
-                 synthetic_size=2_000_000, update_steps=2000, repeats=3),
-    "small": dict(dm_dim=32, dm_dim_mults=(1, 2, 4), rollout_batch_size=256, real_size=100_000,
-                  synthetic_size=200_000, update_steps=300, repeats=2),
+    "full": dict(
+        dm_dim=128,
+        dm_dim_mults=(1, 4, 8),
+        rollout_batch_size=2048,
+        real_size=1_000_000,
+        synthetic_size=2_000_000,
+        update_steps=2000,
+        repeats=3,
+    ),
+    "small": dict(
+        dm_dim=32,
+        dm_dim_mults=(1, 2, 4),
+        rollout_batch_size=256,
+        real_size=100_000,
+        synthetic_size=200_000,
+        update_steps=300,
+        repeats=2,
+    ),
 }
 DENOISERS = [(128, (1, 4, 8)), (64, (1, 4, 8)), (64, (1, 2, 4)), (32, (1, 4, 8)), (32, (1, 2, 4))]
 
@@ -157,16 +171,21 @@ def bench_forward(args, device, denoiser, variants, results):
     flops = forward_flops(denoiser.net, x, noise)
     rows, out = [], {"flops_per_window": flops / B}
     for name, (net, bf16) in variants(denoiser.net).items():
+
         def fwd():
             with torch.no_grad(), autocast(device, bf16):
                 net(x, noise)
+
         t = attempt(name, lambda: timed(fwd, device, 5 * args.repeats))
         if t is None:
             continue
         out[name] = dict(seconds=t, windows_per_s=B / t, tflops=flops / t / 1e12)
         rows.append([name, f"{B / t:,.0f}", f"{flops / t / 1e12:.3f}"])
-    table(f"Denoiser forward (F only), batch {B} x L {L}, {flops / B / 1e9:.3f} GFLOP per window",
-          ["variant", "windows/s", "TFLOP/s"], rows)
+    table(
+        f"Denoiser forward (F only), batch {B} x L {L}, {flops / B / 1e9:.3f} GFLOP per window",
+        ["variant", "windows/s", "TFLOP/s"],
+        rows,
+    )
     results["forward"] = out
 
 
@@ -193,18 +212,29 @@ def bench_sampler(args, device, denoiser, variants, results):
             with torch.no_grad(), autocast(device, bf16):
                 for _ in range(evals):
                     net(x, noise)
-        pairs = attempt(name, lambda: [(timed(sample, device, 1, warmup=int(i == 0)),
-                                        timed(bare, device, 1, warmup=int(i == 0))) for i in range(args.repeats)])
+
+        pairs = attempt(
+            name,
+            lambda: [
+                (timed(sample, device, 1, warmup=int(i == 0)), timed(bare, device, 1, warmup=int(i == 0)))
+                for i in range(args.repeats)
+            ],
+        )
         if pairs is None:
             continue
         t = statistics.median(p[0] for p in pairs)
         ratio = statistics.median(p[1] / p[0] for p in pairs)
-        out[name] = dict(seconds=t, ratio_to_forward=ratio,
-                         **{f"transitions_per_s_M{m}": B * (L - 1) / (m * t) for m in args.num_iterations})
+        out[name] = dict(
+            seconds=t,
+            ratio_to_forward=ratio,
+            **{f"transitions_per_s_M{m}": B * (L - 1) / (m * t) for m in args.num_iterations},
+        )
         rows.append([name, f"{t:.3f}", *(f"{B * (L - 1) / (m * t):,.0f}" for m in args.num_iterations), f"{ratio:.3f}"])
-    table(f"Sampler, B_r {B}, L {L}, N {N} ({evals} network evaluations per sample)",
-          ["variant", "s per sample", *(f"transitions/s M={m}" for m in args.num_iterations),
-           "speed vs bare forward passes"], rows)
+    table(
+        f"Sampler, B_r {B}, L {L}, N {N} ({evals} network evaluations per sample)",
+        ["variant", "s per sample", *(f"transitions/s M={m}" for m in args.num_iterations), "speed vs bare forward passes"],
+        rows,
+    )
     results["sampler"] = out
 
 
@@ -252,12 +282,23 @@ def bench_rollout(args, device, denoiser, variants, results):
             keep = filter_trajectories(scores, 0.6, "softmax", 0.05, gen)
             timer("filter")
             if masked_insert:
-                synthetic.add(obs[keep, :-1].flatten(0, 1), actions[keep, :-1].flatten(0, 1), rewards[keep].flatten(),
-                              obs[keep, 1:].flatten(0, 1), dones[keep].flatten(), valid=alive[keep].flatten().bool())
+                synthetic.add(
+                    obs[keep, :-1].flatten(0, 1),
+                    actions[keep, :-1].flatten(0, 1),
+                    rewards[keep].flatten(),
+                    obs[keep, 1:].flatten(0, 1),
+                    dones[keep].flatten(),
+                    valid=alive[keep].flatten().bool(),
+                )
             else:  # boolean indexing: the host waits for the device to learn the count
                 valid = alive[keep].bool()
-                synthetic.add(obs[keep, :-1][valid], actions[keep, :-1][valid], rewards[keep][valid],
-                              obs[keep, 1:][valid], dones[keep][valid])
+                synthetic.add(
+                    obs[keep, :-1][valid],
+                    actions[keep, :-1][valid],
+                    rewards[keep][valid],
+                    obs[keep, 1:][valid],
+                    dones[keep][valid],
+                )
             timer("buffer insert")
 
     phases = {}
@@ -270,6 +311,7 @@ def bench_rollout(args, device, denoiser, variants, results):
             now = time.perf_counter()
             phases.setdefault(name, []).append(now - last[0])
             last[0] = now
+
         return timer
 
     rollout(lambda name: None)  # warm-up (and compilation)
@@ -286,8 +328,7 @@ def bench_rollout(args, device, denoiser, variants, results):
     rows.append(["sum of phases", f"{total * 1000:,.1f}", "100%"])
     rows.append(["whole step, no syncs inside", f"{whole * 1000:,.1f}", ""])
     rows.append(["buffer insert with boolean indexing (before)", f"{bool_insert * 1000:,.1f}", ""])
-    table(f"Rollout step, B_r {B}, L {L}, M {M}, N {N}, denoiser {args.rollout_variant}",
-          ["phase", "ms", "share"], rows)
+    table(f"Rollout step, B_r {B}, L {L}, M {M}, N {N}, denoiser {args.rollout_variant}", ["phase", "ms", "share"], rows)
     results["rollout"] = dict(phases_s=parts, whole_s=whole, boolean_insert_s=bool_insert, variant=args.rollout_variant)
 
 
@@ -297,13 +338,21 @@ def bench_update(args, device, results):
 
     hp = SimpleNamespace(policy_noise=0.2, noise_clip=0.5, gamma=0.99, alpha=2.5, tau=0.005)
     n = args.real_size
-    real = dict(obs=torch.randn(n, OBS, device=device), actions=torch.rand(n, A, device=device) * 2 - 1,
-                rewards=torch.rand(n, device=device), next_obs=torch.randn(n, OBS, device=device),
-                dones=torch.zeros(n, device=device))
+    real = dict(
+        obs=torch.randn(n, OBS, device=device),
+        actions=torch.rand(n, A, device=device) * 2 - 1,
+        rewards=torch.rand(n, device=device),
+        next_obs=torch.randn(n, OBS, device=device),
+        dones=torch.zeros(n, device=device),
+    )
     full = SyntheticBuffer(args.synthetic_size, OBS, A, device)
-    full.add(torch.randn(args.synthetic_size, OBS, device=device), torch.rand(args.synthetic_size, A, device=device),
-             torch.rand(args.synthetic_size, device=device), torch.randn(args.synthetic_size, OBS, device=device),
-             torch.zeros(args.synthetic_size, device=device))
+    full.add(
+        torch.randn(args.synthetic_size, OBS, device=device),
+        torch.rand(args.synthetic_size, A, device=device),
+        torch.rand(args.synthetic_size, device=device),
+        torch.randn(args.synthetic_size, OBS, device=device),
+        torch.zeros(args.synthetic_size, device=device),
+    )
     empty = SyntheticBuffer(1, OBS, A, device)
     gen = torch.Generator(device=device).manual_seed(0)
     mean, std = torch.zeros(OBS, device=device), torch.ones(OBS, device=device)
@@ -323,6 +372,7 @@ def bench_update(args, device, results):
 
     variants = ["eager"] + ["compiled"] * args.compile + ["CUDA graphs"] * (device.type == "cuda")
     rows, out = [], {}
+
     def steps_per_s(variant, buffer):
         update_critic, update_actor = trainer(variant)
 
@@ -332,6 +382,7 @@ def bench_update(args, device, results):
                 update_critic(batch)
                 if i % 2 == 0:
                     update_actor(batch)
+
         steps(20)  # warm-up (and compilation, graph capture)
         return args.update_steps / timed(lambda: steps(args.update_steps), device, 1, warmup=0)
 
@@ -400,13 +451,24 @@ def bench_evaluation(args, device, results):
     t_seq = timed(lambda: sequential(env), device, args.repeats, warmup=0)
     t_vec = timed(lambda: vectorized(envs), device, args.repeats, warmup=0)
     steps = env.spec.max_episode_steps
-    table(f"Evaluation, {n} maze2d-{args.eval_maze} episodes of {steps} steps, TD3+BC actor (2 x 256); "
-          f"returns identical: {same}", ["loop", "s per evaluation", "env creation s (once per run)"],
-          [["sequential, one observation per policy call", f"{t_seq:.3f}", f"{make_one:.3f}"],
-           [f"vector env, one batched policy call per step ({n} rows)", f"{t_vec:.3f}", f"{make_vector:.3f}"],
-           ["speed-up", f"{t_seq / t_vec:.2f}x", ""]])
-    results["evaluation"] = dict(sequential_s=t_seq, vectorized_s=t_vec, speedup=t_seq / t_vec, same_returns=same,
-                                 env_creation_s=make_one, vector_env_creation_s=make_vector)
+    table(
+        f"Evaluation, {n} maze2d-{args.eval_maze} episodes of {steps} steps, TD3+BC actor (2 x 256); "
+        f"returns identical: {same}",
+        ["loop", "s per evaluation", "env creation s (once per run)"],
+        [
+            ["sequential, one observation per policy call", f"{t_seq:.3f}", f"{make_one:.3f}"],
+            [f"vector env, one batched policy call per step ({n} rows)", f"{t_vec:.3f}", f"{make_vector:.3f}"],
+            ["speed-up", f"{t_seq / t_vec:.2f}x", ""],
+        ],
+    )
+    results["evaluation"] = dict(
+        sequential_s=t_seq,
+        vectorized_s=t_vec,
+        speedup=t_seq / t_vec,
+        same_returns=same,
+        env_creation_s=make_one,
+        vector_env_creation_s=make_vector,
+    )
     env.close()
     envs.close()
 
@@ -430,21 +492,26 @@ def bench_ensemble(args, device, results):
     s, a = torch.randn(B, S, device=device), torch.rand(B, A, device=device) * 2 - 1
     rows, out = [], {}
     for deterministic in (False, True):
+
         def full():
             with torch.no_grad():
                 return predict_all_members(dynamics, s, a, deterministic, torch.Generator(device).manual_seed(0))
 
         def elites():
             return dynamics.predict(s, a, deterministic=deterministic, generator=torch.Generator(device).manual_seed(0))
+
         same = torch.allclose(full(), elites(), rtol=1e-5, atol=1e-6)
         t_full = timed(full, device, 20 * args.repeats)
         t_elites = timed(elites, device, 20 * args.repeats)
         kind = "deterministic" if deterministic else "sampled"
         out[kind] = dict(all_members_s=t_full, elites_only_s=t_elites, speedup=t_full / t_elites, same_output=same)
         rows.append([kind, f"{t_full * 1000:.3f}", f"{t_elites * 1000:.3f}", f"{t_full / t_elites:.2f}x", str(same)])
-    table(f"Ensemble predict, {B} rows, {dynamics.num_members} members ({dynamics.num_elites} elites) x "
-          f"{len(dynamics.hidden_layers)} x {dynamics.hidden_layers[0].out_features}",
-          ["noise", "all members ms", "elites only ms", "speed-up", "same output"], rows)
+    table(
+        f"Ensemble predict, {B} rows, {dynamics.num_members} members ({dynamics.num_elites} elites) x "
+        f"{len(dynamics.hidden_layers)} x {dynamics.hidden_layers[0].out_features}",
+        ["noise", "all members ms", "elites only ms", "speed-up", "same output"],
+        rows,
+    )
     results["ensemble"] = out
 
 
@@ -463,6 +530,7 @@ def bench_dm_train_step(args, device, bf16):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return timed(step, device, args.repeats)
 
 
@@ -489,11 +557,16 @@ def projection(args, device, results, bf16):
     rows = [[k, f"{v / 60:,.1f}"] for k, v in parts.items()]
     rows.append(["DyDiff-TD3BC run, pretraining included", f"{dydiff / 60:,.1f}"])
     rows.append(["base TD3+BC run", f"{base / 60:,.1f}"])
-    rows.append(["DyDiff's addition to the base run, pretraining excluded",
-                 f"{(dydiff - parts['DM pretraining'] - base) / base:+.0%}"])
-    table(f"Projected maze2d-large run: {T:,} steps, a rollout every {args.rollout_freq}, {n_evals} evaluations "
-          f"of {args.eval_episodes} episodes; update variant {best}, denoiser {results['rollout']['variant']} "
-          "(ensemble and reward-model pretraining not included)", ["part", "minutes"], rows)
+    rows.append(
+        ["DyDiff's addition to the base run, pretraining excluded", f"{(dydiff - parts['DM pretraining'] - base) / base:+.0%}"]
+    )
+    table(
+        f"Projected maze2d-large run: {T:,} steps, a rollout every {args.rollout_freq}, {n_evals} evaluations "
+        f"of {args.eval_episodes} episodes; update variant {best}, denoiser {results['rollout']['variant']} "
+        "(ensemble and reward-model pretraining not included)",
+        ["part", "minutes"],
+        rows,
+    )
     results["projection"] = dict(parts_s=parts, dydiff_s=dydiff, base_s=base, eval_step_s=eval_step, dm_train_step_s=dm_step)
 
 
@@ -520,6 +593,7 @@ def bench_denoisers(args, device, results):
         def fwd():
             with torch.no_grad(), autocast(device, bf16):
                 net(x, noise)
+
         t = timed(fwd, device, args.repeats)
         ref = ref or t
         key = f"dim {dim}, mults {'-'.join(map(str, mults))}"
@@ -527,13 +601,24 @@ def bench_denoisers(args, device, results):
         if (dim, mults) in errors:
             cfg, rep = errors[(dim, mults)]
             at = rep.get(f"state_error_at_{rep['horizon'] - 1}", {})
-            err = (f"{at.get('dataset/dm', float('nan')):.3f} / {at.get('policy/dm_M1', float('nan')):.3f} "
-                   f"({rep['env_id']}, {cfg['steps']:,} DM steps)")
+            err = (
+                f"{at.get('dataset/dm', float('nan')):.3f} / {at.get('policy/dm_M1', float('nan')):.3f} "
+                f"({rep['env_id']}, {cfg['steps']:,} DM steps)"
+            )
         out[key] = dict(params=params, gflops_per_window=flops / 1e9, windows_per_s=B / t, cost_vs_paper=t / ref)
         rows.append([key, f"{params / 1e6:.2f}M", f"{flops / 1e9:.3f}", f"{B / t:,.0f}", f"{ref / t:.1f}x", err])
-    table(f"Denoiser sizes, forward at batch {B} x L {L}{' (bf16)' if bf16 else ''}",
-          ["U-Net", "parameters", "GFLOP/window", "windows/s", "speed vs paper size",
-           "report's state error at its last step: dataset / policy M1"], rows)
+    table(
+        f"Denoiser sizes, forward at batch {B} x L {L}{' (bf16)' if bf16 else ''}",
+        [
+            "U-Net",
+            "parameters",
+            "GFLOP/window",
+            "windows/s",
+            "speed vs paper size",
+            "report's state error at its last step: dataset / policy M1",
+        ],
+        rows,
+    )
     results["denoisers"] = out
 
 
@@ -573,9 +658,11 @@ def main(args: Args):
         return cache[id(net)]
 
     denoiser = make_denoiser(args.dm_dim, args.dm_dim_mults, device)
-    print(f"denoiser: dim {args.dm_dim}, mults {args.dm_dim_mults}, "
-          f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters; B_r {args.rollout_batch_size}, "
-          f"L {args.rollout_length}, N {args.sampler_steps}")
+    print(
+        f"denoiser: dim {args.dm_dim}, mults {args.dm_dim_mults}, "
+        f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters; B_r {args.rollout_batch_size}, "
+        f"L {args.rollout_length}, N {args.sampler_steps}"
+    )
     results = {"device": name, "size": size, "args": {k: v for k, v in asdict(args).items()}}
     if "forward" in args.sections:
         bench_forward(args, device, denoiser, cached_variants, results)

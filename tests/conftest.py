@@ -7,6 +7,8 @@
 import os
 import tempfile
 
+import pytest
+
 # Set before anything imports minari, which reads the store path from the environment.
 os.environ["MINARI_DATASETS_PATH"] = tempfile.mkdtemp(prefix="dydiff-test-minari-")
 os.environ["DYDIFF_OFFLINE"] = "1"
@@ -14,8 +16,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
-                     help="device of the script-level tests: cpu (default, CI) or cuda (the GPU acceptance run)")
+    parser.addoption(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="device of the script-level tests: cpu (default, CI) or cuda (the GPU acceptance run)",
+    )
 
 
 def pytest_configure(config):
@@ -28,3 +34,26 @@ def pytest_configure(config):
             raise pytest.UsageError("--device cuda: torch sees no CUDA device here; run without --device on a CPU machine")
     # Read by tests/script_runs.py, which the test modules import after this hook.
     os.environ["DYDIFF_TEST_DEVICE"] = device
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny pretrained models for maze2d-umaze (10k generated steps, L = 16), made once per test run."""
+    import shlex
+
+    from script_runs import PRETRAIN, run_script
+
+    folder = tmp_path_factory.mktemp("tiny-models")
+    run_script(
+        "pretrain_models.py",
+        "--env-id",
+        "maze2d-umaze",
+        "--dataset-steps",
+        "10000",
+        "--rollout-length",
+        "16",
+        "--models-dir",
+        str(folder),
+        *shlex.split(PRETRAIN),
+    )
+    return folder

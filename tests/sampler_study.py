@@ -32,12 +32,14 @@ import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common.checkpoints import load_dm, load_dynamics, models_folder  # noqa: E402
-from common.datasets import gather_windows, load_dataset, segment_windows  # noqa: E402
-from common.edm import build_denoiser  # noqa: E402
-from common.envs import replay_actions  # noqa: E402
-from common.edm import refine_states  # noqa: E402
-from pretrain_models import RandomPolicy, split_segments, state_error  # noqa: E402
+from common.checkpoints import load_dm, load_dynamics, models_folder
+from common.datasets import gather_windows, load_dataset, segment_windows
+from common.edm import (
+    build_denoiser,
+    refine_states,
+)
+from common.envs import replay_actions
+from pretrain_models import RandomPolicy, split_segments, state_error
 
 PAPER = (34, 60.0)  # Table 3: N, S_churn
 
@@ -84,8 +86,9 @@ def pick_windows(data, holdout_fraction, L, n, seed):
     full = np.flatnonzero(lengths == L)
     pick = np.random.default_rng(seed).choice(full, size=min(n, len(full)), replace=False)
     S = data.state_dim
-    x, _ = gather_windows(data.observations[:, :S], data.actions, data.next_observations[:, :S], starts[pick],
-                          lengths[pick], L)
+    x, _ = gather_windows(
+        data.observations[:, :S], data.actions, data.next_observations[:, :S], starts[pick], lengths[pick], L
+    )
     x = torch.as_tensor(x)
     return x[..., :S], x[..., S:], torch.as_tensor(data.observations[starts[pick], S:])
 
@@ -131,22 +134,42 @@ def measure(args, data, folder):
             t0 = time.perf_counter()
             refine_states(denoiser, normalizer, s0, acts, N, churn, gen)
             times.append(time.perf_counter() - t0)
-        point = dict(dim=info["dim"], dim_mults=info["dim_mults"], steps=N, churn=churn, nfe=2 * N - 1,
-                     gflops_per_window=(2 * N - 1) * flops / 1e9,
-                     ms_per_window=1e3 * float(np.median(times)) / len(s0), windows=len(s0), seeds=args.seeds)
+        point = dict(
+            dim=info["dim"],
+            dim_mults=info["dim_mults"],
+            steps=N,
+            churn=churn,
+            nfe=2 * N - 1,
+            gflops_per_window=(2 * N - 1) * flops / 1e9,
+            ms_per_window=1e3 * float(np.median(times)) / len(s0),
+            windows=len(s0),
+            seeds=args.seeds,
+        )
         for name, runs in errors.items():
             runs = np.stack(runs)  # [seeds, L]
             for t in horizons:
                 point[f"{name}@{t}"] = float(runs[:, t].mean())
                 point[f"{name}@{t}_spread"] = float(runs[:, t].max() - runs[:, t].min())
         points.append(point)
-        print(f"  dim {info['dim']} N {N:2d} churn {churn:4g}: " + ", ".join(
-            f"{name}@{t} {point[f'{name}@{t}']:.4g}" for name in errors for t in horizons[1:])
-            + f"; {point['gflops_per_window']:.3g} GFLOP/window, {point['ms_per_window']:.1f} ms/window", flush=True)
+        print(
+            f"  dim {info['dim']} N {N:2d} churn {churn:4g}: "
+            + ", ".join(f"{name}@{t} {point[f'{name}@{t}']:.4g}" for name in errors for t in horizons[1:])
+            + f"; {point['gflops_per_window']:.3g} GFLOP/window, {point['ms_per_window']:.1f} ms/window",
+            flush=True,
+        )
     env.close()
     params = sum(p.numel() for p in denoiser.parameters())
-    return dict(folder=str(folder), dim=info["dim"], dim_mults=info["dim_mults"], params=params, horizon=L,
-                gflops_per_forward=flops / 1e9, dm_steps=info["steps"], points=points, horizons=horizons)
+    return dict(
+        folder=str(folder),
+        dim=info["dim"],
+        dim_mults=info["dim_mults"],
+        params=params,
+        horizon=L,
+        gflops_per_forward=flops / 1e9,
+        dm_steps=info["steps"],
+        points=points,
+        horizons=horizons,
+    )
 
 
 def holds(point, paper, horizons, tolerance):
@@ -166,36 +189,59 @@ def main(args: Args):
         results.append(measure(args, data, folder))
     L = results[0]["horizon"]
     paper_net = build_denoiser(data.state_dim, data.action_dim)
-    paper = dict(params=sum(p.numel() for p in paper_net.parameters()),
-                 gflops_per_forward=forward_flops(paper_net, L, data.state_dim + data.action_dim) / 1e9)
+    paper = dict(
+        params=sum(p.numel() for p in paper_net.parameters()),
+        gflops_per_forward=forward_flops(paper_net, L, data.state_dim + data.action_dim) / 1e9,
+    )
 
     h = results[0]["horizons"]
-    print(f"\nSampler study on {args.env_id}: {args.windows} held-out windows of L = {L}, {args.seeds} noise seeds; "
-          f"mean squared state error (sum over the state's dimensions) vs the real simulator.\n")
-    print("| U-Net | N | S_churn | net evals | GFLOP/window | ms/window (this CPU) | dataset @1 | "
-          + " | ".join(f"{name} @{t}" for name in ("dataset", "policy M=1", "policy M=2") for t in h[1:]) + " | holds |")
+    print(
+        f"\nSampler study on {args.env_id}: {args.windows} held-out windows of L = {L}, {args.seeds} noise seeds; "
+        f"mean squared state error (sum over the state's dimensions) vs the real simulator.\n"
+    )
+    print(
+        "| U-Net | N | S_churn | net evals | GFLOP/window | ms/window (this CPU) | dataset @1 | "
+        + " | ".join(f"{name} @{t}" for name in ("dataset", "policy M=1", "policy M=2") for t in h[1:])
+        + " | holds |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ref = next(p for p in r["points"] if (p["steps"], p["churn"]) == PAPER)
         for p in r["points"]:
             p["holds"] = holds(p, ref, h, args.tolerance)
             p["flops_vs_paper_sampler"] = ref["gflops_per_window"] / p["gflops_per_window"]
-            cells = [f"{p[f'dataset@{h[0]}']:.3g}"] + [f"{p[f'{n}@{t}']:.3g}" for n in ("dataset", "policy_M1", "policy_M2") for t in h[1:]]
-            print(f"| dim {r['dim']} ({r['params'] / 1e6:.2f}M) | {p['steps']} | {p['churn']:g} | {p['nfe']} | "
-                  f"{p['gflops_per_window']:.3g} | {p['ms_per_window']:.1f} | " + " | ".join(cells)
-                  + f" | {'yes' if p['holds'] else 'no'} |")
+            cells = [f"{p[f'dataset@{h[0]}']:.3g}"] + [
+                f"{p[f'{n}@{t}']:.3g}" for n in ("dataset", "policy_M1", "policy_M2") for t in h[1:]
+            ]
+            print(
+                f"| dim {r['dim']} ({r['params'] / 1e6:.2f}M) | {p['steps']} | {p['churn']:g} | {p['nfe']} | "
+                f"{p['gflops_per_window']:.3g} | {p['ms_per_window']:.1f} | "
+                + " | ".join(cells)
+                + f" | {'yes' if p['holds'] else 'no'} |"
+            )
     for N in sorted(set(args.steps) | {PAPER[0]}, reverse=True):
-        print(f"| paper, dim 128 ({paper['params'] / 1e6:.1f}M), untrained | {N} | | {2 * N - 1} | "
-              f"{(2 * N - 1) * paper['gflops_per_forward']:.1f} | | | | | | | | | |")
+        print(
+            f"| paper, dim 128 ({paper['params'] / 1e6:.1f}M), untrained | {N} | | {2 * N - 1} | "
+            f"{(2 * N - 1) * paper['gflops_per_forward']:.1f} | | | | | | | | | |"
+        )
     print("\n(spreads over seeds are in the JSON)")
     for r in results:
         ok = [p for p in r["points"] if p["holds"]]
         best = min(ok, key=lambda p: p["gflops_per_window"])
-        print(f"dim {r['dim']}: cheapest sampler within {args.tolerance:.0%} of the paper sampler's errors: "
-              f"N = {best['steps']}, S_churn = {best['churn']:g} ({best['flops_vs_paper_sampler']:.1f}x fewer FLOPs)")
+        print(
+            f"dim {r['dim']}: cheapest sampler within {args.tolerance:.0%} of the paper sampler's errors: "
+            f"N = {best['steps']}, S_churn = {best['churn']:g} ({best['flops_vs_paper_sampler']:.1f}x fewer FLOPs)"
+        )
 
-    out = dict(env_id=args.env_id, windows=args.windows, seeds=args.seeds, tolerance=args.tolerance,
-               paper_sampler=dict(steps=PAPER[0], churn=PAPER[1]), paper_unet=paper, models=results)
+    out = dict(
+        env_id=args.env_id,
+        windows=args.windows,
+        seeds=args.seeds,
+        tolerance=args.tolerance,
+        paper_sampler=dict(steps=PAPER[0], churn=PAPER[1]),
+        paper_unet=paper,
+        models=results,
+    )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=1))
     if args.plot:
@@ -216,8 +262,12 @@ def plot(out, path):
             for churn, marker in ((60.0, "o"), (0.0, "s")):
                 pts = sorted((p for p in r["points"] if p["churn"] == churn), key=lambda p: p["gflops_per_window"])
                 if pts:
-                    ax.plot([p["gflops_per_window"] for p in pts], [p[f"{key}@{t}"] for p in pts], marker=marker,
-                            label=f"dim {r['dim']}, S_churn {churn:g}")
+                    ax.plot(
+                        [p["gflops_per_window"] for p in pts],
+                        [p[f"{key}@{t}"] for p in pts],
+                        marker=marker,
+                        label=f"dim {r['dim']}, S_churn {churn:g}",
+                    )
                     for p in pts:
                         ax.annotate(f"N={p['steps']}", (p["gflops_per_window"], p[f"{key}@{t}"]), fontsize=7)
         ax.set_xscale("log")

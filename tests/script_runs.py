@@ -13,19 +13,35 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = os.environ.get("DYDIFF_TEST_DEVICE", "cpu")  # set by `pytest --device` (conftest.py)
 DEVICE_FLAG = "--cuda" if DEVICE == "cuda" else "--no-cuda"
-PRETRAIN = ("--dm-dim 8 --dm-dim-mults 1 2 --dm-steps 20 --dm-batch-size 16 --dyn-hidden 32 --dyn-max-steps 40 "
-            f"--reward-steps 40 --report-windows 4 --report-iterations 1 --sampler-steps 4 --holdout-fraction 0.1 "
-            f"{DEVICE_FLAG}")
-TINY = ["--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--eval-episodes", "1", "--rollout-freq", "50",
-        "--rollout-batch-size", "32", "--rollout-length", "16", "--sampler-steps", "4", DEVICE_FLAG,
-        f"--pretrain-args={PRETRAIN}"]
+PRETRAIN = (
+    "--dm-dim 8 --dm-dim-mults 1 2 --dm-steps 20 --dm-batch-size 16 --dyn-hidden 32 --dyn-max-steps 40 "
+    f"--reward-steps 40 --report-windows 4 --report-iterations 1 --sampler-steps 4 --holdout-fraction 0.1 "
+    f"{DEVICE_FLAG}"
+)
+TINY = [
+    "--env-id",
+    "maze2d-umaze",
+    "--dataset-steps",
+    "10000",
+    "--eval-episodes",
+    "1",
+    "--rollout-freq",
+    "50",
+    "--rollout-batch-size",
+    "32",
+    "--rollout-length",
+    "16",
+    "--sampler-steps",
+    "4",
+    DEVICE_FLAG,
+    f"--pretrain-args={PRETRAIN}",
+]
 
 
 def run_script(script, *args, check=True, timeout=600, env=None):
     """Run `script` (e.g. dydiff_td3bc.py) from the repository root; fail with its output unless it exits 0."""
     env = None if env is None else {**os.environ, **env}
-    out = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=timeout, env=env)
+    out = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
@@ -38,8 +54,7 @@ def metrics(run_dir):
 
 def kill_after_first_checkpoint(script, args, runs, exp_name):
     """Start `script`, SIGKILL it once its run folder holds a checkpoint; return that run folder."""
-    proc = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not list(runs.glob(f"*{exp_name}__*/checkpoint.pt")):

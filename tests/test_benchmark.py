@@ -12,10 +12,43 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_benchmark_reports_every_section(tmp_path):
     out_file = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "tests" / "benchmark.py"), "--size", "small", DEVICE_FLAG, "--no-compile",
-           "--bf16", "on", "--dm-dim", "8", "--dm-dim-mults", "1", "2", "--rollout-batch-size", "16", "--rollout-length", "12",
-           "--sampler-steps", "3", "--repeats", "1", "--dm-train-steps", "10", "--json-out", str(out_file), "--eval-episodes", "3",
-           "--sections", "forward", "sampler", "rollout", "update", "projection", "evaluation", "ensemble"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "benchmark.py"),
+        "--size",
+        "small",
+        DEVICE_FLAG,
+        "--no-compile",
+        "--bf16",
+        "on",
+        "--dm-dim",
+        "8",
+        "--dm-dim-mults",
+        "1",
+        "2",
+        "--rollout-batch-size",
+        "16",
+        "--rollout-length",
+        "12",
+        "--sampler-steps",
+        "3",
+        "--repeats",
+        "1",
+        "--dm-train-steps",
+        "10",
+        "--json-out",
+        str(out_file),
+        "--eval-episodes",
+        "3",
+        "--sections",
+        "forward",
+        "sampler",
+        "rollout",
+        "update",
+        "projection",
+        "evaluation",
+        "ensemble",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out_file.read_text())
@@ -25,8 +58,15 @@ def test_benchmark_reports_every_section(tmp_path):
         s = r["sampler"][variant]
         assert s["ratio_to_forward"] > 0 and s["seconds"] > 0
     phases = r["rollout"]["phases_s"]
-    assert list(phases) == ["start states", "ensemble rollout", "DM sampling", "relabelling", "rewards", "filter",
-                            "buffer insert"]
+    assert list(phases) == [
+        "start states",
+        "ensemble rollout",
+        "DM sampling",
+        "relabelling",
+        "rewards",
+        "filter",
+        "buffer insert",
+    ]
     assert all(v > 0 for v in phases.values())
     assert set(r["update"]) == {"eager/real only", "eager/mixed with D_syn"}
     p = r["projection"]

@@ -192,16 +192,16 @@ def test_evaluate_scores_expert_high_and_random_low(umaze):
     controllers = [pointmaze.WaypointController(umaze.make_eval_env().unwrapped.maze) for _ in range(3)]
 
     def expert(flat):  # one controller per episode: each keeps its own plan
-        return np.stack([c({"observation": o[:4], "achieved_goal": o[:2], "desired_goal": o[4:6]})
-                         for c, o in zip(controllers, flat)])
+        return np.stack(
+            [c({"observation": o[:4], "achieved_goal": o[:2], "desired_goal": o[4:6]}) for c, o in zip(controllers, flat)]
+        )
 
     rng = np.random.default_rng(0)
     returns, scores = evaluate(expert, envs, seed=100, ref_min=umaze.ref_min_score, ref_max=umaze.ref_max_score)
     assert returns.shape == scores.shape == (3,)
     np.testing.assert_allclose(scores, normalized_score(returns, umaze.ref_min_score, umaze.ref_max_score))
     assert scores.mean() > 70
-    _, random_scores = evaluate(lambda o: rng.uniform(-1, 1, (len(o), 2)), envs, 100, umaze.ref_min_score,
-                                umaze.ref_max_score)
+    _, random_scores = evaluate(lambda o: rng.uniform(-1, 1, (len(o), 2)), envs, 100, umaze.ref_min_score, umaze.ref_max_score)
     assert random_scores.mean() < 40
 
 
@@ -265,10 +265,15 @@ def _random_mujoco_episodes(env_id, steps, seed):
         terms.append(term)
         if term or trunc or t == steps - 1:
             n = len(acts)
-            episodes.append(dict(
-                observations=np.array(obs_list), actions=np.array(acts), rewards=np.array(rews),
-                terminations=np.array(terms), truncations=np.r_[np.zeros(n - 1, bool), [not term]],
-            ))
+            episodes.append(
+                dict(
+                    observations=np.array(obs_list),
+                    actions=np.array(acts),
+                    rewards=np.array(rews),
+                    terminations=np.array(terms),
+                    truncations=np.r_[np.zeros(n - 1, bool), [not term]],
+                )
+            )
             obs, _ = env.reset(seed=seed + 1 + len(episodes))
             obs_list, acts, rews, terms = [obs], [], [], []
     return env, episodes
@@ -281,8 +286,13 @@ def hopper():
     env, episodes = _random_mujoco_episodes("Hopper-v5", 1500, seed=0)
     buffers = [EpisodeBuffer(id=i, infos={}, **ep) for i, ep in enumerate(episodes)]
     minari.create_dataset_from_buffers(
-        "local/hopper/random-test-v0", buffers, env=env.spec, ref_min_score=-20.0, ref_max_score=3234.3,
-        algorithm_name="random", data_format="hdf5",
+        "local/hopper/random-test-v0",
+        buffers,
+        env=env.spec,
+        ref_min_score=-20.0,
+        ref_max_score=3234.3,
+        algorithm_name="random",
+        data_format="hdf5",
     )
     return load_dataset("local/hopper/random-test-v0"), episodes
 
@@ -302,7 +312,9 @@ def test_hopper_dataset_flattens_with_true_terminals(hopper):
     assert env.spec.id.startswith("Hopper")
 
 
-@pytest.mark.parametrize("env_id,task", [("Hopper-v5", "hopper"), ("Walker2d-v5", "walker2d"), ("HalfCheetah-v5", "halfcheetah")])
+@pytest.mark.parametrize(
+    "env_id,task", [("Hopper-v5", "hopper"), ("Walker2d-v5", "walker2d"), ("HalfCheetah-v5", "halfcheetah")]
+)
 def test_termination_rule_matches_the_simulator_on_every_step(env_id, task):
     _, episodes = _random_mujoco_episodes(env_id, 1500, seed=1)
     next_obs = np.concatenate([e["observations"][1:] for e in episodes])

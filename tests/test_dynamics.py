@@ -52,8 +52,7 @@ def fitted():
     torch.manual_seed(0)
     system = LinearSystem(0)
     model = tiny_ensemble()
-    report = model.fit(*system.sample(3000)[:3], batch_size=128, max_steps=1500, patience=20,
-                       progress=False, seed=0)
+    report = model.fit(*system.sample(3000)[:3], batch_size=128, max_steps=1500, patience=20, progress=False, seed=0)
     return model, system, report
 
 
@@ -402,8 +401,13 @@ def test_everything_runs_on_cuda():
     model = tiny_ensemble().cuda()
     model.fit(*system.sample(500)[:3], max_steps=20, progress=False, seed=14)
     s0 = torch.randn(4, S)
-    states, actions = model.rollout(lambda obs: torch.tanh(obs[:, :A]), s0, 5, context=torch.randn(4, 2).cuda(),
-                                    generator=torch.Generator().manual_seed(14))  # a CPU generator is fine
+    states, actions = model.rollout(
+        lambda obs: torch.tanh(obs[:, :A]),
+        s0,
+        5,
+        context=torch.randn(4, 2).cuda(),
+        generator=torch.Generator().manual_seed(14),
+    )  # a CPU generator is fine
     assert states.is_cuda and actions.is_cuda and torch.isfinite(states).all()
     reward = RewardModel(S, A, hidden=16, layers=1).cuda()
     reward.fit(states[:, 0].cpu().numpy(), actions[:, 0].cpu().numpy(), np.ones(4), max_steps=5, progress=False)

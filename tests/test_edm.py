@@ -8,8 +8,17 @@ import torch
 import torch.nn as nn
 
 from common import edm
-from common.edm import (EMA, Conv1dBlock, EDMPrecond, MinMaxNormalizer, TemporalUnet, build_denoiser, condition_mask,
-                        edm_loss, edm_sampler)
+from common.edm import (
+    EMA,
+    Conv1dBlock,
+    EDMPrecond,
+    MinMaxNormalizer,
+    TemporalUnet,
+    build_denoiser,
+    condition_mask,
+    edm_loss,
+    edm_sampler,
+)
 
 SIGMA_DATA = 0.5
 
@@ -94,7 +103,7 @@ def test_precond_values_for_constant_networks(sigma):
 
     # F sees c_in * x and c_noise = ln(sigma) / 4, one per sample.
     for net in (zero, one):
-        (x_in, noise), = net.calls
+        ((x_in, noise),) = net.calls
         torch.testing.assert_close(x_in, c_in * x, rtol=1e-12, atol=1e-12)
         assert noise.shape == (3,)
         torch.testing.assert_close(noise, torch.full((3,), math.log(sigma) / 4, dtype=torch.float64))
@@ -235,8 +244,9 @@ def test_sampler_on_cuda_matches_cpu():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def heun_gaussian_reference(s, mu, num_steps=34, sigma_min=0.002, sigma_max=80.0, rho=7.0,
-                            S_churn=60.0, S_min=0.370, S_max=52.212, S_noise=1.002):
+def heun_gaussian_reference(
+    s, mu, num_steps=34, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=60.0, S_min=0.370, S_max=52.212, S_noise=1.002
+):
     """Exact mean and std of the sampler's output for x0 ~ N(mu, s^2) and the ideal denoiser.
 
     For that denoiser, D(x; t) - mu = r(t) (x - mu) with r(t) = s^2 / (s^2 + t^2), so every Heun step
@@ -312,7 +322,7 @@ def test_sampler_samples_the_conditional_law_given_clean_conditions():
 
     def conditional_mean(x):
         # E[state | s_0, actions] of a toy model: mu + beta * (first coordinate of s_0) + action of the row.
-        return mu + beta * x[:, :1, :1] + x[:, :, GS:GS + 1]
+        return mu + beta * x[:, :1, :1] + x[:, :, GS : GS + 1]
 
     def ideal(x, sigma):
         m = conditional_mean(x)  # read from the (clean) conditioned entries of the input
@@ -360,8 +370,9 @@ def test_loss_ignores_network_output_at_conditions():
     net = tiny_unet(S_ + A_)
     ref = edm_loss(EDMPrecond(net), x0, mask, generator=torch.Generator().manual_seed(4))
     for value in (1e6, float("nan"), -3.0):
-        loss = edm_loss(EDMPrecond(GarbageAtConditions(net, mask, value)), x0, mask,
-                        generator=torch.Generator().manual_seed(4))
+        loss = edm_loss(
+            EDMPrecond(GarbageAtConditions(net, mask, value)), x0, mask, generator=torch.Generator().manual_seed(4)
+        )
         assert loss.item() == ref.item()
     assert torch.isfinite(ref) and ref > 0
 
@@ -396,7 +407,7 @@ def test_loss_value_matches_weighted_mse_on_generated_entries():
     x0 = _batch()
     rec = Recorder(EDMPrecond(tiny_unet(S_ + A_)))
     loss = edm_loss(rec, x0, mask, generator=torch.Generator().manual_seed(1))
-    (x_in, sigma, D), = rec.inputs
+    ((x_in, sigma, D),) = rec.inputs
     sigma = sigma.reshape(-1, 1, 1)
     lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
     expected = (lam * (D - x0) ** 2)[:, ~mask].mean()
@@ -566,7 +577,7 @@ def test_cond_channels_give_the_network_the_clean_conditions_at_every_noise_leve
 
     class FirstChannels(ConstNet):  # records its input, returns zeros of the window's width
         def forward(self, x, noise):
-            return super().forward(x, noise)[..., :S + A]
+            return super().forward(x, noise)[..., : S + A]
 
     net = FirstChannels(0.0)
     D = EDMPrecond(net, sigma_data=SIGMA_DATA, cond_channels=(S, A))
@@ -576,9 +587,9 @@ def test_cond_channels_give_the_network_the_clean_conditions_at_every_noise_leve
         seen, _ = net.calls[-1]
         c_in = 1 / math.sqrt(sigma**2 + SIGMA_DATA**2)
         assert seen.shape == (2, L, 2 * (S + A))
-        torch.testing.assert_close(seen[..., :S + A], c_in * x)
-        torch.testing.assert_close(seen[..., S + A:S + A + S], x[:, :1, :S].expand(2, L, S))
-        torch.testing.assert_close(seen[..., S + A + S:], x[..., S:])
+        torch.testing.assert_close(seen[..., : S + A], c_in * x)
+        torch.testing.assert_close(seen[..., S + A : S + A + S], x[:, :1, :S].expand(2, L, S))
+        torch.testing.assert_close(seen[..., S + A + S :], x[..., S:])
     # The paper's network sees only c_in x.
     plain = ConstNet(0.0)
     EDMPrecond(plain, sigma_data=SIGMA_DATA)(x, 80.0)
@@ -605,8 +616,9 @@ def test_relative_states_denoise_around_s0():
     torch.testing.assert_close(rel(moved, sigma)[..., :S], rel(x, sigma)[..., :S] + 0.7)
 
 
-@pytest.mark.parametrize("options", [{}, dict(full_res_skip=True, padding_mode="replicate", cond_channels=True,
-                                                 relative_states=True)])
+@pytest.mark.parametrize(
+    "options", [{}, dict(full_res_skip=True, padding_mode="replicate", cond_channels=True, relative_states=True)]
+)
 def test_build_denoiser_saves_and_loads_through_load_dm(tmp_path, options):
     """dm.pt records the network options; load_dm rebuilds the same network (old files: the paper's network)."""
     from common.checkpoints import atomic_save, load_dm
@@ -614,8 +626,18 @@ def test_build_denoiser_saves_and_loads_through_load_dm(tmp_path, options):
     S, A = 4, 2
     torch.manual_seed(0)
     d = build_denoiser(S, A, dim=8, dim_mults=(1, 2), **options)
-    meta = dict(fingerprint="f", dataset_ids=["x"], state_dim=S, action_dim=A, horizon=16, dim=8, dim_mults=[1, 2],
-                sigma_data=0.5, state_dict=d.state_dict(), normalizer=MinMaxNormalizer(torch.zeros(6), torch.ones(6)).state_dict())
+    meta = dict(
+        fingerprint="f",
+        dataset_ids=["x"],
+        state_dim=S,
+        action_dim=A,
+        horizon=16,
+        dim=8,
+        dim_mults=[1, 2],
+        sigma_data=0.5,
+        state_dict=d.state_dict(),
+        normalizer=MinMaxNormalizer(torch.zeros(6), torch.ones(6)).state_dict(),
+    )
     atomic_save(dict(meta, **options), tmp_path / "dm.pt")  # a file without the keys is one written before them
     loaded, _, _ = load_dm(tmp_path, "f")
     x = torch.randn(2, 16, S + A)

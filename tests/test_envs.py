@@ -53,8 +53,7 @@ def test_pointmaze_evaluation_matches_the_sequential_loop():
         return np.clip(5.0 * (obs[:, 4:6] - obs[:, :2]) - obs[:, 2:4], -1.0, 1.0)
 
     # The dense reward, so that no two episodes share a return (the sparse one is 0 for every start it strands).
-    lengths = check_against_sequential(lambda: pointmaze.make_eval_env("umaze", dense=True), towards_goal, episodes=4,
-                                       seed=7)
+    lengths = check_against_sequential(lambda: pointmaze.make_eval_env("umaze", dense=True), towards_goal, episodes=4, seed=7)
     assert (lengths == pointmaze.EVAL_EPISODE_STEPS["umaze"]).all()  # PointMaze only truncates
 
 

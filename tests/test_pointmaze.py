@@ -32,8 +32,7 @@ def test_dfs_takes_the_path_its_stack_order_finds_not_the_shortest():
 
 def test_q_iteration_takes_the_shortest_path():
     assert pointmaze.q_iteration_path(RING, (1, 1), (1, 3)) == {(1, 1): (1, 2), (1, 2): (1, 3)}
-    assert pointmaze.q_iteration_path(RING, (3, 3), (1, 1)) == {(3, 3): (3, 2), (3, 2): (3, 1), (3, 1): (2, 1),
-                                                                (2, 1): (1, 1)}
+    assert pointmaze.q_iteration_path(RING, (3, 3), (1, 1)) == {(3, 3): (3, 2), (3, 2): (3, 1), (3, 1): (2, 1), (2, 1): (1, 1)}
 
 
 def test_the_controller_plans_with_dfs_unless_told_otherwise():
@@ -81,7 +80,7 @@ def test_jitter_only_on_intermediate_waypoints_after_the_first():
         ctrl(_obs(ctrl.target_xy, goal))  # on the target: move on to the next cell
         targets.append(ctrl.target_xy.copy())
     assert rng.calls == 4
-    for (cell, target) in zip([(1, 3), (2, 3), (3, 3), (3, 2)], targets):
+    for cell, target in zip([(1, 3), (2, 3), (3, 3), (3, 2)], targets):
         np.testing.assert_allclose(target, centre(cell) - 0.5 * 0.2)  # centre minus U(0, 1) * 0.2 per axis
     ctrl(_obs(ctrl.target_xy, goal))
     np.testing.assert_array_equal(ctrl.target_xy, goal)  # the goal cell: the goal itself, no jitter
@@ -145,8 +144,7 @@ def test_episodes_share_their_boundary_observation_as_minaris_collector_records_
 
 def test_checkpoints_truncate_and_reset_with_the_next_seed():
     steps, every = 1000, 300
-    env, episodes, _ = pointmaze.collect("umaze", dataset_steps=steps, checkpoint_every=every, ref_episodes=0,
-                                         progress=False)
+    env, episodes, _ = pointmaze.collect("umaze", dataset_steps=steps, checkpoint_every=every, ref_episodes=0, progress=False)
     ends = np.cumsum([len(e["actions"]) for e in episodes])
     assert ends[-1] == steps
     assert {300, 600, 900, 1000} <= set(ends.tolist())
@@ -160,8 +158,7 @@ def test_checkpoints_truncate_and_reset_with_the_next_seed():
         np.testing.assert_array_equal(first["observation"][0], obs["observation"])
         np.testing.assert_array_equal(first["desired_goal"][0], obs["desired_goal"])
     # Without a checkpoint inside, the same run is one physical trajectory.
-    _, whole, _ = pointmaze.collect("umaze", dataset_steps=steps, checkpoint_every=10 * steps, ref_episodes=0,
-                                    progress=False)
+    _, whole, _ = pointmaze.collect("umaze", dataset_steps=steps, checkpoint_every=10 * steps, ref_episodes=0, progress=False)
     for prev, ep in zip(whole, whole[1:]):
         np.testing.assert_array_equal(ep["observations"]["observation"][0], prev["observations"]["observation"][-1])
     np.testing.assert_array_equal(whole[0]["actions"][:50], episodes[0]["actions"][:50])

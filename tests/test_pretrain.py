@@ -10,24 +10,53 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from script_runs import DEVICE_FLAG
 
 from common.checkpoints import load_dm, load_model_file, models_folder
 from common.datasets import load_dataset
-from script_runs import DEVICE_FLAG
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--rollout-length", "16", "--holdout-fraction", "0.1",
-    "--dm-dim", "8", "--dm-dim-mults", "1", "2", "--dm-steps", "30", "--dm-batch-size", "16",
-    "--dm-checkpoint-every", "10", "--dyn-hidden", "32", "--dyn-max-steps", "60", "--reward-steps", "60",
-    "--report-windows", "4", "--report-iterations", "2", "--sampler-steps", "4", DEVICE_FLAG,
+    "--env-id",
+    "maze2d-umaze",
+    "--dataset-steps",
+    "10000",
+    "--rollout-length",
+    "16",
+    "--holdout-fraction",
+    "0.1",
+    "--dm-dim",
+    "8",
+    "--dm-dim-mults",
+    "1",
+    "2",
+    "--dm-steps",
+    "30",
+    "--dm-batch-size",
+    "16",
+    "--dm-checkpoint-every",
+    "10",
+    "--dyn-hidden",
+    "32",
+    "--dyn-max-steps",
+    "60",
+    "--reward-steps",
+    "60",
+    "--report-windows",
+    "4",
+    "--report-iterations",
+    "2",
+    "--sampler-steps",
+    "4",
+    DEVICE_FLAG,
 ]
 
 
 def run(*args, check=True, env=None):
     env = None if env is None else {**os.environ, **env}
-    out = subprocess.run([sys.executable, "pretrain_models.py", *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600, env=env)
+    out = subprocess.run(
+        [sys.executable, "pretrain_models.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+    )
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out
@@ -74,8 +103,15 @@ def test_report_has_losses_and_error_curves(pretrained):
     assert report["dm"]["params"] == sum(p.numel() for p in denoiser.parameters()) > 0
     assert (report["dm"]["dim"], tuple(report["dm"]["dim_mults"])) == (info["dim"], tuple(info["dim_mults"]))
     curves = report["state_error_vs_horizon"]
-    assert set(curves) == {"dataset/ensemble", "dataset/dm", "dataset/copy_s0", "policy/ensemble", "policy/copy_s0",
-                           "policy/dm_M1", "policy/dm_M2"}
+    assert set(curves) == {
+        "dataset/ensemble",
+        "dataset/dm",
+        "dataset/copy_s0",
+        "policy/ensemble",
+        "policy/copy_s0",
+        "policy/dm_M1",
+        "policy/dm_M2",
+    }
     for name, err in curves.items():
         assert len(err) == 16 and err[0] == pytest.approx(0.0, abs=1e-10), name  # s0 is given, never generated
         assert all(np.isfinite(err))
@@ -107,14 +143,29 @@ def test_report_only_measures_the_models_of_a_folder(pretrained, tmp_path):
     folder = models_folder(str(models_dir), "maze2d-umaze")
     before = {n: (folder / n).stat().st_mtime_ns for n in ("dm.pt", "dynamics.pt", "reward.pt")}
     # Other sizes on the command line: the models' own horizon and U-Net size are used.
-    out = run("--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--models-dir", str(models_dir), "--report-only",
-              "--report-windows", "4", "--report-iterations", "1", "--sampler-steps", "4", DEVICE_FLAG)
+    out = run(
+        "--env-id",
+        "maze2d-umaze",
+        "--dataset-steps",
+        "10000",
+        "--models-dir",
+        str(models_dir),
+        "--report-only",
+        "--report-windows",
+        "4",
+        "--report-iterations",
+        "1",
+        "--sampler-steps",
+        "4",
+        DEVICE_FLAG,
+    )
     assert {n: (folder / n).stat().st_mtime_ns for n in before} == before  # nothing retrained
     report = json.loads((folder / "report.json").read_text())
     assert report["horizon"] == 16 and report["dm"]["dim"] == 8 and "state_error_at_15" in out.stdout
     assert len(report["one_step_error_vs_position"]["dataset/dm"]["generated"]) == 15
-    out = run("--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--models-dir", str(tmp_path), "--report-only",
-              check=False)
+    out = run(
+        "--env-id", "maze2d-umaze", "--dataset-steps", "10000", "--models-dir", str(tmp_path), "--report-only", check=False
+    )
     assert out.returncode != 0 and "no pretrained dm model" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -133,16 +184,33 @@ def test_another_dm_shape_is_trained_afresh_and_recorded(pretrained, tmp_path):
     models_dir, _ = pretrained
     src, folder = models_folder(str(models_dir), "maze2d-umaze"), models_folder(str(tmp_path), "maze2d-umaze")
     shutil.copytree(src, folder)
-    out = run(*TINY, "--models-dir", str(tmp_path), "--dm-full-res-skip", "--dm-padding", "replicate",
-              "--dm-cond-channels", "--dm-relative-states", "--report-iterations", "1")
+    out = run(
+        *TINY,
+        "--models-dir",
+        str(tmp_path),
+        "--dm-full-res-skip",
+        "--dm-padding",
+        "replicate",
+        "--dm-cond-channels",
+        "--dm-relative-states",
+        "--report-iterations",
+        "1",
+    )
     assert "dynamics ensemble: already trained, kept" in out.stdout
     assert "another DM configuration: training the DM from scratch" in out.stdout
     info = load_model_file(folder, "dm")
     assert (info["full_res_skip"], info["padding_mode"], info["cond_channels"], info["relative_states"]) == (
-        True, "replicate", True, True)
+        True,
+        "replicate",
+        True,
+        True,
+    )
     report = json.loads((folder / "report.json").read_text())
     assert (report["dm"]["full_res_skip"], report["dm"]["padding_mode"], report["dm"]["cond_channels"]) == (
-        True, "replicate", True)
+        True,
+        "replicate",
+        True,
+    )
 
 
 def test_bad_inputs_end_in_one_clear_message(tmp_path):

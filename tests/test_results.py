@@ -11,9 +11,19 @@ def fake_run(root, name, seed, scores, dydiff=True, m=1, finished=True, wall=600
     """A run folder as a training script leaves it (evaluations every 1000 steps)."""
     run = root / name
     run.mkdir()
-    args = dict(exp_name="dydiff_td3bc" if dydiff else "dydiff_td3bc-base", env_id="maze2d-large", seed=seed,
-                dydiff=dydiff, num_iterations=m, total_steps=1000 * len(scores), eval_freq=1000,
-                rollout_batch_size=64, rollout_freq=500, synthetic_buffer_size=62_500, real_ratio=0.6)
+    args = dict(
+        exp_name="dydiff_td3bc" if dydiff else "dydiff_td3bc-base",
+        env_id="maze2d-large",
+        seed=seed,
+        dydiff=dydiff,
+        num_iterations=m,
+        total_steps=1000 * len(scores),
+        eval_freq=1000,
+        rollout_batch_size=64,
+        rollout_freq=500,
+        synthetic_buffer_size=62_500,
+        real_ratio=0.6,
+    )
     (run / "args.json").write_text(json.dumps(args))
     rows = []
     for i, score in enumerate(scores):
@@ -26,8 +36,7 @@ def fake_run(root, name, seed, scores, dydiff=True, m=1, finished=True, wall=600
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if finished:
         final = sum(scores[-5:]) / len(scores[-5:])
-        (run / "result.json").write_text(json.dumps(dict(final_normalized_score=final, evaluations=scores,
-                                                         wall_time_s=wall)))
+        (run / "result.json").write_text(json.dumps(dict(final_normalized_score=final, evaluations=scores, wall_time_s=wall)))
     return run
 
 
@@ -36,8 +45,7 @@ def runs(tmp_path):
     root = tmp_path / "runs"
     root.mkdir()
     base = [fake_run(root, f"base{s}", s, [10.0 * s] * 6, dydiff=False, wall=60.0) for s in (1, 2, 3)]
-    dyd = [fake_run(root, f"dydiff{s}", s, [0, 0, 0, 0, 0, 20.0 * s], wall=3600.0 * s, duplicate_step=3000)
-           for s in (1, 2, 3)]
+    dyd = [fake_run(root, f"dydiff{s}", s, [0, 0, 0, 0, 0, 20.0 * s], wall=3600.0 * s, duplicate_step=3000) for s in (1, 2, 3)]
     m0 = [fake_run(root, "m0_1", 1, [5.0] * 6, m=0), fake_run(root, "m0_2", 2, [1.0, 2.0], m=0, finished=False)]
     return base, dyd, m0
 
@@ -76,8 +84,17 @@ def test_table_means_and_stds(runs):
 def test_summaries_rebuild_the_same_table_and_plot(runs, tmp_path):
     base, dyd, m0 = runs
     out = tmp_path / "summaries"
-    results.main([*map(str, base + dyd + m0), "--summaries", str(out), "--table", str(tmp_path / "a.md"),
-                  "--plot", str(tmp_path / "a.png")])
+    results.main(
+        [
+            *map(str, base + dyd + m0),
+            "--summaries",
+            str(out),
+            "--table",
+            str(tmp_path / "a.md"),
+            "--plot",
+            str(tmp_path / "a.png"),
+        ]
+    )
     files = sorted(out.glob("*.json"))
     assert len(files) == 8
     results.main([*map(str, files), "--table", str(tmp_path / "b.md"), "--plot", str(tmp_path / "b.png")])
