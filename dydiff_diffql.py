@@ -516,7 +516,7 @@ if __name__ == "__main__":
             rollout_metrics["dydiff/rollout_time"] = time.time() - t0
             picture = None
             if data.task == "pointmaze" and (global_step % args.eval_freq == 0 or global_step == run.start_step):
-                picture = run.dir / "synthetic_trajectories.png"
+                picture = run.dir / f"synthetic_trajectories_{global_step:07d}.png"
                 rollout_metrics["dydiff/wall_crossing_share"] = maze_picture(data, states, keep, picture)
             run.log(rollout_metrics, global_step, picture)
         # ---- end of the DyDiff rollout step ----

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from common.checkpoints import (
     MODEL_FILES,
+    DamagedFile,
     atomic_save,
     load_checkpoint,
     load_dm,
@@ -32,6 +33,8 @@ from common.checkpoints import (
     load_model_file,
     load_reward,
     models_folder,
+    previous,
+    remove_stale_temporaries,
     rng_state,
     set_rng_state,
 )
@@ -40,6 +43,7 @@ from common.dynamics import EnsembleDynamics, RewardModel
 from common.edm import EMA, MinMaxNormalizer, build_denoiser, condition_mask, edm_loss, refine_states
 from common.envs import replay_actions, step_from
 from common.pointmaze import crosses_wall
+from common.runs import stop_on_signals
 
 
 @dataclass
@@ -205,6 +209,22 @@ def dm_config(args) -> dict:
     )
 
 
+def load_dm_checkpoint(path):
+    """The DM's training checkpoint, or the one before it if it is damaged (saying so); None if there is none."""
+    for candidate in (path, previous(path)):
+        try:
+            ckpt = load_checkpoint(candidate)
+        except FileNotFoundError:
+            continue
+        except DamagedFile as e:
+            print(f"{e}; trying the checkpoint before it" if candidate == path else f"{e}; training the DM from scratch")
+            continue
+        if candidate != path:
+            print(f"resuming from {candidate.name}, the checkpoint before {path.name}")
+        return ckpt
+    return None
+
+
 def train_dm(args, data, train_segs, device, folder, log):
     """Train the EDM denoiser on training windows; resumable from {folder}/dm_train.pt."""
     S, A, L = data.state_dim, data.action_dim, args.rollout_length
@@ -225,8 +245,8 @@ def train_dm(args, data, train_segs, device, folder, log):
     dm_bf16 = args.dm_bf16 and device.type == "cuda"
     step = 0
     ckpt_path = folder / "dm_train.pt"
-    if args.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_dm_checkpoint(ckpt_path) if args.resume else None
+    if ckpt is not None:
         if (ckpt["fingerprint"], ckpt["config"], "rng" in ckpt) != (data.fingerprint, config, True):
             print(f"{ckpt_path} is for other data or another DM configuration: training the DM from scratch")
         else:
@@ -279,6 +299,7 @@ def train_dm(args, data, train_segs, device, folder, log):
                     config=config,
                 ),
                 ckpt_path,
+                keep_previous=True,
             )
     atomic_save(
         dict(
@@ -486,6 +507,12 @@ def plot_report(curves, path, title):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    stop_on_signals(
+        lambda: (
+            "interrupted before pretraining began; nothing was saved: run the same command again "
+            "(an interrupted dataset generation starts over)"
+        )
+    )
     if args.rollout_length < 2:
         raise SystemExit(f"--rollout-length must be >= 2, got {args.rollout_length}")
     if not 0.0 < args.holdout_fraction < 0.5:
@@ -503,7 +530,25 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e))
     folder = models_folder(args.models_dir, args.env_id)
-    folder.mkdir(parents=True, exist_ok=True)
+    made_folder = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(
+            f"cannot make the models folder {folder}: {e.strerror or e}; choose a writable --models-dir"
+        ) from None
+    remove_stale_temporaries(folder)
+
+    def stop_message():
+        if made_folder and not any(folder.iterdir()):  # nothing saved yet: no half-made folder stays behind
+            folder.rmdir()
+            return f"interrupted before anything was saved; removed {folder}"
+        return (
+            f"interrupted: the models finished so far and the DM's last checkpoint are kept in {folder}; "
+            f"run the same command again to continue"
+        )
+
+    stop_on_signals(stop_message)
     print(
         f"pretraining models for {args.env_id} ({', '.join(data.dataset_ids)}, fingerprint {data.fingerprint}) "
         f"into {folder} on {device}"
@@ -538,7 +583,11 @@ if __name__ == "__main__":
             return True
         if not (args.resume and path.exists()):
             return False
-        ckpt = load_checkpoint(path)
+        try:
+            ckpt = load_model_file(folder, name)
+        except DamagedFile as e:
+            print(f"{e.args[0].split(';')[0]}: training it again")
+            return False
         if name == "dm":
             saved = dict(dm_config(args), **{k: ckpt[k] for k in dm_config(args) if k in ckpt})  # old files: paper net
             if saved != dm_config(args) or ckpt["steps"] != args.dm_steps:

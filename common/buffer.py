@@ -46,17 +46,10 @@ class SyntheticBuffer:
         self.empty = False
 
     def state_dict(self):
+        """The stored rows only, as CPU copies (a slice alone would make torch.save write the whole buffer)."""
         s = self.size
-        return dict(
-            capacity=self.capacity,
-            size=s,
-            ptr=int(self.ptr),
-            obs=self.obs[:s].cpu(),
-            actions=self.actions[:s].cpu(),
-            rewards=self.rewards[:s].cpu(),
-            next_obs=self.next_obs[:s].cpu(),
-            dones=self.dones[:s].cpu(),
-        )
+        rows = {name: getattr(self, name)[:s].cpu().clone() for name in ("obs", "actions", "rewards", "next_obs", "dones")}
+        return dict(capacity=self.capacity, size=s, ptr=int(self.ptr), **rows)
 
     def load_state_dict(self, d):
         s = int(d["size"])

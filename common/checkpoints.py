@@ -13,23 +13,77 @@ import torch
 MODEL_FILES = {"dm": "dm.pt", "dynamics": "dynamics.pt", "reward": "reward.pt"}
 
 
-def atomic_save(obj, path) -> None:
-    """torch.save to a temporary file, then rename: a killed run never leaves a truncated file."""
+class DamagedFile(ValueError):
+    """A file the project wrote cannot be read back (truncated, empty, or not what it should be)."""
+
+
+def atomic_save(obj, path, keep_previous: bool = False) -> None:
+    """torch.save to a temporary file, then rename it over `path`: a kill never leaves a truncated file.
+
+    With `keep_previous`, the file being replaced is kept as `<name>.prev<ext>` (the last good one to fall
+    back on). A failed write (full disk, read-only folder) or an interrupted one removes its temporary
+    file and leaves `path` untouched; a failed write stops with one message naming the file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)
+        if keep_previous and path.exists():
+            os.replace(path, previous(path))
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove(tmp)
+        reason = e.strerror or str(e)
+        raise SystemExit(
+            f"could not write {path}: {reason}; free some disk space or choose a writable folder "
+            f"(what was saved before is untouched)"
+        ) from None
+    except BaseException:  # interrupted (Ctrl-C, SystemExit from a signal handler): no temporary file survives
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # its folder is not there or not a folder: nothing to remove
+        pass
+
+
+def previous(path) -> Path:
+    """Where atomic_save(keep_previous=True) keeps the file it replaced: checkpoint.pt -> checkpoint.prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Delete the temporary files that killed writes left in `folder` (`.<name>.tmp<pid>`); returns them."""
+    stale = [p for p in Path(folder).glob(".*.tmp*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path) -> dict:
-    """torch.load a checkpoint onto the CPU, whatever device the run uses.
+    """torch.load a checkpoint onto the CPU, whatever device the run uses; DamagedFile if it can't be read.
 
     Modules and optimizers copy what they load onto their own device (load_state_dict), and random
     states must stay on the CPU (torch.set_rng_state and Generator.set_state take CPU byte tensors), so
     one loading path serves every device.
     """
-    return torch.load(path, map_location="cpu", weights_only=False)
+    path = Path(path)
+    if path.exists() and path.stat().st_size == 0:
+        raise DamagedFile(f"{path} is empty")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated zip, unpickling errors, EOF: torch raises many kinds
+        raise DamagedFile(f"{path} is damaged and cannot be read ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise DamagedFile(f"{path} does not hold a checkpoint")
+    return obj
 
 
 def rng_state(*generators: torch.Generator) -> dict:
@@ -61,15 +115,23 @@ def models_folder(models_dir: str, env_id: str) -> Path:
     return Path(models_dir) / re.sub(r"[^A-Za-z0-9_.-]", "_", env_id)
 
 
-def load_model_file(folder, name: str, fingerprint: str | None = None, map_location="cpu") -> dict:
-    """Load one pretrained-model file; refuse one made for other data than `fingerprint`."""
+def load_model_file(folder, name: str, fingerprint: str | None = None) -> dict:
+    """Load one pretrained-model file (onto the CPU); refuse a damaged one, or one made for other data."""
     path = Path(folder) / MODEL_FILES[name]
     if not path.exists():
         raise FileNotFoundError(
             f"no pretrained {name} model at {path}; make it with `python pretrain_models.py --env-id <env-id> "
             f"--models-dir {Path(folder).parent}`"
         )
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    remake = (
+        f"delete it and make it again with `python pretrain_models.py --env-id <env-id> --models-dir {Path(folder).parent}`"
+    )
+    try:
+        ckpt = load_checkpoint(path)
+    except DamagedFile as e:
+        raise DamagedFile(f"{e}; {remake}") from None
+    if "fingerprint" not in ckpt or "dataset_ids" not in ckpt:
+        raise DamagedFile(f"{path} is not a pretrained-model file of this project; {remake}")
     if fingerprint is not None and ckpt["fingerprint"] != fingerprint:
         raise ValueError(
             f"{path} was trained on dataset {', '.join(ckpt['dataset_ids'])} (fingerprint {ckpt['fingerprint']}), "
@@ -121,6 +183,17 @@ def load_reward(folder, fingerprint: str | None = None, device="cpu"):
     return model.to(device).eval()
 
 
+def _die_with_parent():
+    """In a child process (Linux): receive SIGTERM when the parent dies, even by SIGKILL, so no orphan is left."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the parent's own handler still stops the child
+        pass
+
+
 def load_or_pretrain_models(args, data, device):
     """DyDiff's three pretrained models for `data`, from {args.models_dir}/{env_id}/, made first if missing.
 
@@ -148,8 +221,10 @@ def load_or_pretrain_models(args, data, device):
             str(args.rollout_length),
             *shlex.split(args.pretrain_args),
         ]
-        print(f"no pretrained models in {folder}: making them first (to do it separately: {shlex.join(cmd[1:])})")
-        if subprocess.run(cmd).returncode != 0:
+        print(f"no pretrained models in {folder}: making them first (to do it separately: python {shlex.join(cmd[1:])})")
+        # Ctrl-C reaches this process alone (the child has its own session); stopping here kills the child,
+        # which loses nothing (its files are written atomically), and the child dies with this process.
+        if subprocess.run(cmd, start_new_session=True, preexec_fn=_die_with_parent).returncode != 0:
             raise SystemExit("pretraining failed; see its message above")
     try:
         denoiser, dm_normalizer, dm_info = load_dm(folder, data.fingerprint, device)

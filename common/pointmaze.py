@@ -408,9 +408,14 @@ def maze_picture(data, states, keep, path):
     ax.set_ylim(-maze.y_map_center, maze.y_map_center)
     ax.set_title(f"synthetic trajectories (red: through a wall, {crossing.mean():.0%}; faint: filtered out)", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name("." + path.name)
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    env.close()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    except BaseException:  # interrupted or failed: no temporary file survives
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+        env.close()
     return float(crossing.mean())

@@ -1,34 +1,89 @@
 """A training run's folder and logs: arguments, metrics, checkpoints, resume, the final result, W&B.
 
     runs/{env_id}__{exp_name}__{seed}__{time}/
-        args.json            the run's arguments (--resume reads them back)
-        metrics.jsonl        one JSON record per logged step
-        checkpoint.pt        the training state at the last evaluation (written atomically)
-        result.json          the evaluations and the final score, once the run has finished
-        final_policy.pt      the final actor and its observation statistics
+        args.json                 the run's arguments (--resume reads them back)
+        metrics.jsonl             one JSON record per logged step
+        checkpoint.pt             the training state at the last evaluation (written atomically)
+        checkpoint.prev.pt        the one before: --resume falls back on it if checkpoint.pt is damaged
+        synthetic_trajectories_{step}.png   PointMaze: sampled synthetic trajectories over the maze
+        result.json               the evaluations and the final score, once the run has finished
+        final_policy.pt           the final actor and its observation statistics
+
+Ctrl-C or a kill (SIGINT, SIGTERM) ends a run with one line: what is kept and the command that continues.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import shutil
+import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from common.checkpoints import atomic_save, load_checkpoint, rng_state, set_rng_state
+from common.checkpoints import (
+    DamagedFile,
+    atomic_save,
+    load_checkpoint,
+    previous,
+    remove_stale_temporaries,
+    rng_state,
+    set_rng_state,
+)
+
+CHANGEABLE_ON_RESUME = ("--total-steps",)
 
 
-def resumed_args(args, cls):
-    """With `--resume RUN`, the arguments RUN started with (a killed run continues as it began); else `args`."""
+def _flags(argv) -> set[str]:
+    """The --flags given on a command line (`--name value` or `--name=value`)."""
+    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def stop_on_signals(message) -> None:
+    """From now on, SIGINT (Ctrl-C) and SIGTERM end the program with `message()`, one line, no traceback."""
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        raise SystemExit("\n" + message())  # on a line of its own, not after a progress bar
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def resumed_args(args, cls, argv=None):
+    """With `--resume RUN`, the arguments RUN started with (only --total-steps may change); else `args`.
+
+    Also makes Ctrl-C or a kill before training begins end in one line.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    stop_on_signals(lambda: "interrupted before training began; run the same command again (models already "
+                             "pretrained are kept, an interrupted pretraining resumes, a dataset generation starts over)")
     if not args.resume:
         return args
     run_dir = Path(args.resume)
-    if not (run_dir / "checkpoint.pt").exists():
+    if not (run_dir / "checkpoint.pt").exists() and not previous(run_dir / "checkpoint.pt").exists():
         raise SystemExit(f"--resume {run_dir}: no checkpoint.pt there; pass the folder of a run that has evaluated once")
-    saved = json.loads((run_dir / "args.json").read_text())
-    return cls(**{**saved, "resume": str(run_dir)})
+    try:
+        saved = json.loads((run_dir / "args.json").read_text())
+        resumed = cls(**{**saved, "resume": str(run_dir)})
+    except FileNotFoundError:
+        raise SystemExit(f"{run_dir / 'args.json'} is missing: the run's arguments are gone, so it cannot be resumed; "
+                         f"start a new run") from None
+    except (json.JSONDecodeError, TypeError) as e:
+        raise SystemExit(f"{run_dir / 'args.json'} is damaged or was written by another version ({type(e).__name__}); "
+                         f"it cannot be resumed: start a new run") from None
+    others = _flags(argv) - {"--resume", *CHANGEABLE_ON_RESUME}
+    if others:
+        raise SystemExit(f"--resume continues a run with the arguments it began with; only --total-steps may change "
+                         f"(drop {', '.join(sorted(others))})")
+    if "--total-steps" in _flags(argv):
+        resumed.total_steps = args.total_steps
+    return resumed
 
 
 def _state_dict(x):
@@ -53,21 +108,34 @@ class Run:
     def __init__(self, args, state: dict, generator):
         self.args, self.state, self.generator = args, state, generator
         self.start_step, self.evaluations, self.time_before = 0, [], 0.0
+        self.checkpoint_step = None  # the step of the newest checkpoint on disk
         if args.resume:
             self.dir = Path(args.resume)
-            ckpt = load_checkpoint(self.dir / "checkpoint.pt")
+            remove_stale_temporaries(self.dir)
+            ckpt = self._load_newest_checkpoint()
+            if ckpt["step"] >= args.total_steps:
+                raise SystemExit(f"{self.dir} is at step {ckpt['step']:,} already; to train on, resume with a larger "
+                                 f"--total-steps (it has {args.total_steps:,})")
             for key, module in state.items():
                 _load_state_dict(module, ckpt[key])
             set_rng_state(ckpt["rng"], generator)
             self.start_step, self.evaluations = ckpt["step"], ckpt["evaluations"]
+            self.checkpoint_step = ckpt["step"]
             self.time_before = ckpt.get("wall_time_s", 0.0)  # training time of the earlier sittings
-            print(f"resuming {self.dir} at step {self.start_step:,}")
+            self._truncate_metrics(ckpt.get("metrics_bytes"))
+            self._write_args()  # a changed --total-steps holds for later resumes too
+            print(f"resuming {self.dir} at step {self.start_step:,} (of {args.total_steps:,})")
         else:
             name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
             self.dir = Path(args.runs_dir) / name
-            self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._write_args()
+            except OSError as e:
+                raise SystemExit(f"cannot write the run folder {self.dir}: {e.strerror or e}; choose a writable "
+                                 f"--runs-dir") from None
         self.name = self.dir.name
+        stop_on_signals(self._stop_message)
         self.wandb = None
         if args.track:
             import wandb
@@ -78,6 +146,44 @@ class Run:
         self.metrics_file = open(self.dir / "metrics.jsonl", "a")
         self.start_time = time.time()
 
+    # --------------------------------------------------------------------------------------- files
+    def _write_args(self):
+        tmp = self.dir / ".args.json.tmp"
+        tmp.write_text(json.dumps(asdict(self.args), indent=1))
+        os.replace(tmp, self.dir / "args.json")
+
+    def _load_newest_checkpoint(self) -> dict:
+        """checkpoint.pt, or the one before it if that is missing or damaged (saying so)."""
+        path, prev = self.dir / "checkpoint.pt", previous(self.dir / "checkpoint.pt")
+        try:
+            return load_checkpoint(path)
+        except (DamagedFile, FileNotFoundError) as e:
+            problem = str(e) if isinstance(e, DamagedFile) else f"{path} is missing"
+            if not prev.exists():
+                raise SystemExit(f"{problem}, and there is no earlier checkpoint to fall back on: start a new run") from None
+            try:
+                ckpt = load_checkpoint(prev)
+            except DamagedFile as e2:
+                raise SystemExit(f"{problem}, and so is the one before ({e2}): start a new run") from None
+            print(f"{problem}; resuming from the checkpoint before it, {prev.name} (step {ckpt['step']:,})")
+            return ckpt
+
+    def _truncate_metrics(self, size):
+        """Drop the metric rows logged after the checkpoint: the resumed run logs those steps again."""
+        path = self.dir / "metrics.jsonl"
+        if size is not None and path.exists() and path.stat().st_size > size:
+            with open(path, "r+b") as f:
+                f.truncate(size)
+
+    def _stop_message(self) -> str:
+        if self.checkpoint_step is None:  # nothing worth keeping: no half-made run folder stays behind
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return f"interrupted before the first checkpoint; nothing was kept (removed {self.dir})"
+        command = shlex.join([os.path.basename(sys.executable), sys.argv[0], "--resume", str(self.dir)])
+        return (f"interrupted: the checkpoint of step {self.checkpoint_step:,} in {self.dir} is kept; "
+                f"continue with: {command}")
+
+    # --------------------------------------------------------------------------------------- logging
     def sps(self, step):
         """Gradient steps per second in this sitting."""
         return (step - self.start_step) / (time.time() - self.start_time)
@@ -102,9 +208,13 @@ class Run:
         self.evaluations.append(float(scores.mean()))
         self.log({"eval/normalized_score": float(scores.mean()), "eval/normalized_score_std": float(scores.std())}, step)
         print(f"step {step:,}: normalized score {scores.mean():.1f} ± {scores.std():.1f}")
-        atomic_save(dict(**{key: _state_dict(m) for key, m in self.state.items()}, rng=rng_state(self.generator),
-                         step=step, evaluations=self.evaluations, wall_time_s=self.wall_time()),
-                    self.dir / "checkpoint.pt")
+        atomic_save(
+            dict(**{key: _state_dict(m) for key, m in self.state.items()}, rng=rng_state(self.generator), step=step,
+                 evaluations=self.evaluations, wall_time_s=self.wall_time(), metrics_bytes=self.metrics_file.tell()),
+            self.dir / "checkpoint.pt",
+            keep_previous=True,
+        )
+        self.checkpoint_step = step
 
     def finish(self, final_policy: dict, **result):
         """Write result.json (final score: the mean of the last 5 evaluations) and final_policy.pt."""

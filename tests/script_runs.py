@@ -38,6 +38,15 @@ TINY = [
 ]
 
 
+SCRIPTS = ["dydiff_td3bc.py", "dydiff_cql.py", "dydiff_diffql.py"]
+EXTRA = {"dydiff_cql.py": ["--batch-size", "32", "--cql-n-actions", "2"]}  # keeps CQL's tiny runs short
+
+
+def tiny(script, models, runs, *args):
+    """A tiny run's command-line arguments for `script` with models in `models`, writing to `runs`."""
+    return [*TINY[:-1], *EXTRA.get(script, []), "--models-dir", str(models), "--runs-dir", str(runs), *args]
+
+
 def run_script(script, *args, check=True, timeout=600, env=None):
     """Run `script` (e.g. dydiff_td3bc.py) from the repository root; fail with its output unless it exits 0."""
     env = None if env is None else {**os.environ, **env}

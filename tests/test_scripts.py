@@ -19,28 +19,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from script_runs import (
-    TINY,
+    SCRIPTS,
     kill_after_first_checkpoint,
     metrics,
     models_for_other_data,
     moved_tensors_env,
     run_script,
+    tiny,
 )
 
 from common.buffer import SyntheticBuffer
 from common.checkpoints import load_checkpoint
 
-SCRIPTS = ["dydiff_td3bc.py", "dydiff_cql.py", "dydiff_diffql.py"]
-EXTRA = {"dydiff_cql.py": ["--batch-size", "32", "--cql-n-actions", "2"]}  # keeps CQL's tiny runs short
 LOSSES = {
     "dydiff_td3bc.py": ("qf1_loss", "qf2_loss", "actor_loss", "qf1_values"),
     "dydiff_cql.py": ("qf1_loss", "qf2_loss", "cql_qf1_gap", "cql_loss", "alpha", "alpha_prime", "policy_loss", "log_pi"),
     "dydiff_diffql.py": ("bc_loss", "ql_loss", "actor_loss", "critic_loss"),
 }
-
-
-def tiny(script, models, runs, *args):
-    return [*TINY[:-1], *EXTRA.get(script, []), "--models-dir", str(models), "--runs-dir", str(runs), *args]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -66,7 +61,9 @@ def test_dydiff_run_logs_its_rollouts_and_result(script, tiny_models, tmp_path):
     for key in LOSSES[script]:
         assert math.isfinite(losses["losses/" + key]), key
     assert any("eval/normalized_score" in r for r in m) and losses["charts/SPS"] > 0
-    assert (run_dir / "synthetic_trajectories.png").stat().st_size > 1000
+    pictures = sorted(run_dir.glob("synthetic_trajectories_*.png"))  # one per evaluation step, kept
+    assert [p.name for p in pictures] == ["synthetic_trajectories_0000000.png"]  # rollouts at 0, 50, 100; evaluations every 60
+    assert all(p.stat().st_size > 1000 for p in pictures)
     assert (run_dir / "final_policy.pt").exists()
 
 
@@ -134,9 +131,17 @@ def test_a_killed_run_resumes_to_the_uninterrupted_numbers(script, tiny_models, 
     assert {"python", "numpy", "torch", "cuda", "generators"} <= set(ckpt["rng"])
     buf = ckpt["synthetic"]
     assert buf["size"] > 0 and buf["obs"].shape == (buf["size"], 6) and torch.isfinite(buf["obs"]).all()
-    # the saved arguments win over the command line
-    out = run_script(script, "--resume", str(cut), "--total-steps", "1", env=moved_tensors_env(tmp_path / "hook"))
+    # only --total-steps may change on resume, and only beyond the checkpoint
+    out = run_script(script, "--resume", str(cut), "--seed", "5", check=False)
+    assert out.returncode != 0 and "only --total-steps may change (drop --seed)" in out.stderr
+    out = run_script(script, "--resume", str(cut), "--total-steps", str(ckpt["step"]), check=False)
+    assert out.returncode != 0 and f"is at step {ckpt['step']:,} already" in out.stderr and "Traceback" not in out.stderr
+    out = run_script(script, "--resume", str(cut), env=moved_tensors_env(tmp_path / "hook"))
     assert f"resuming {cut} at step {ckpt['step']:,}" in out.stdout
+    # exact in the logs too: the same metric rows as the uninterrupted run, none twice
+    timing = ("charts/SPS", "dydiff/rollout_time")
+    rows_a, rows_b = ([{k: v for k, v in r.items() if k not in timing} for r in metrics(r)] for r in (whole, cut))
+    assert rows_b == rows_a
     a, b = (json.loads((r / "result.json").read_text()) for r in (whole, cut))
     assert b["evaluations"] == a["evaluations"] and len(a["evaluations"]) == 4 and b["total_steps"] == 400
     assert 0 < ckpt["wall_time_s"] < b["wall_time_s"], "the training time of the first sitting is counted"
@@ -149,6 +154,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_numbers(script, tiny_models, 
     assert fa["step"] == fb["step"] == 400
     assert torch.equal(fa["synthetic"]["obs"], fb["synthetic"]["obs"])
     assert torch.equal(fa["rng"]["torch"], fb["rng"]["torch"])
+    # a finished run trains on when resumed with more steps
+    out = run_script(script, "--resume", str(whole), "--total-steps", "500")
+    longer = json.loads((whole / "result.json").read_text())
+    assert longer["total_steps"] == 500 and longer["evaluations"][:4] == a["evaluations"] and len(longer["evaluations"]) == 5
+    assert json.loads((whole / "args.json").read_text())["total_steps"] == 500
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
