@@ -32,24 +32,24 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import tyro
 from tqdm import tqdm
 
 from common.args import shared_arg_problems
 from common.buffer import SyntheticBuffer
 from common.checkpoints import load_or_pretrain_models
+from common.config import PretrainConfig, rollout_cost_on_cpu
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import refine_states
 from common.envs import evaluate, numpy_policy, termination_fn
 from common.pointmaze import maze_picture
-from common.runs import Run, resumed_args
+from common.runs import Run, parse_args
 
 
 @dataclass
@@ -84,8 +84,11 @@ class Args:
     """steps of a locally generated PointMaze dataset"""
     models_dir: str = "models"
     """pretrained models are read from {models_dir}/{env_id}/ (made first if missing)"""
-    pretrain_args: str = ""
-    """extra flags for pretrain_models.py when the models must be made first, e.g. '--dm-steps 8000'"""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """the models' options when they must be made first (`--pretrain.dm-dim 32`, ...; as pretrain_models.py's)"""
+    preset: Literal["paper", "cpu"] = "paper"
+    """named configuration (README, "Presets"): paper = the paper's settings (GPU); cpu = a run two CPU cores
+    finish in about an hour, with CPU-size models in models-cpu/; flags on the command line win over it"""
 
     # Diffusion-QL (Wang, Hunt & Zhou 2022)
     total_steps: int = 500_000
@@ -388,7 +391,7 @@ def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
 
 
 if __name__ == "__main__":
-    args = resumed_args(tyro.cli(Args), Args)
+    args = parse_args(Args)
     args = defaults_for(args, args.env_id)
     check_args(args)
     if args.offline:
@@ -416,6 +419,8 @@ if __name__ == "__main__":
     # Pretrained models: DM, dynamics ensemble, reward model (made first if missing)
     if args.dydiff:
         denoiser, dm_normalizer, dynamics, reward_model = load_or_pretrain_models(args, data, device)
+        if cost := rollout_cost_on_cpu(args, denoiser, dm_normalizer, S, A, os.path.basename(__file__)):
+            print(cost)
         if args.compile_dm:
             denoiser = torch.compile(denoiser)
         is_terminal = termination_fn(data.task)
@@ -468,7 +473,12 @@ if __name__ == "__main__":
 
     # Training loop
     for global_step in tqdm(
-        range(run.start_step, args.total_steps), initial=run.start_step, total=args.total_steps, desc=run.name, mininterval=5.0
+        range(run.start_step, args.total_steps),
+        initial=run.start_step,
+        total=args.total_steps,
+        desc=run.name,
+        mininterval=5.0,
+        smoothing=0,
     ):
         # ---- DyDiff rollout step (paper Algorithm 1; the same text in the three scripts) ----
         if args.dydiff and global_step % args.rollout_freq == 0:

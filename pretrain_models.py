@@ -13,6 +13,7 @@ validity of the DM's generated transitions against the real simulator, by positi
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -38,6 +39,7 @@ from common.checkpoints import (
     rng_state,
     set_rng_state,
 )
+from common.config import PRESETS, PretrainConfig, apply_preset, cpu_command
 from common.datasets import OFFLINE_ENV_VAR, gather_windows, load_dataset, segment_windows
 from common.dynamics import EnsembleDynamics, RewardModel
 from common.edm import EMA, MinMaxNormalizer, build_denoiser, condition_mask, edm_loss, refine_states
@@ -47,7 +49,12 @@ from common.runs import stop_on_signals
 
 
 @dataclass
-class Args:
+class Args(PretrainConfig):
+    """The model options (DM, dynamics ensemble, reward model, report) come from common.config.PretrainConfig."""
+
+    preset: Literal["paper", "cpu"] = "paper"
+    """named configuration (see README, "Presets"): paper = the paper's sizes (GPU); cpu = what 2 CPU cores
+    train in about half an hour (into models-cpu/); flags given on the command line win over the preset"""
     exp_name: str = "pretrain"
     """the name of this experiment"""
     seed: int = 1
@@ -72,75 +79,18 @@ class Args:
     """never try to download a dataset (also: DYDIFF_OFFLINE=1)"""
     dataset_steps: int = 1_000_000
     """steps of a locally generated PointMaze dataset"""
-    holdout_fraction: float = 0.05
-    """the final fraction of the dataset is held out for the model report"""
     models_dir: str = "models"
     """the models are saved to {models_dir}/{env_id}/"""
     resume: bool = True
     """continue an interrupted pretraining (models already finished are kept)"""
-
-    # Diffusion model (EDM, paper Table 3)
     rollout_length: int = 100
     """L: length of the trajectory windows the DM generates"""
-    dm_dim: int = 128
-    """width of the temporal U-Net (paper: 128)"""
-    dm_dim_mults: tuple[int, ...] = (1, 4, 8)
-    """channel multipliers of the U-Net levels (paper: 1 4 8)"""
-    dm_steps: int = 100_000
-    """DM gradient steps"""
-    dm_batch_size: int = 256
-    """DM batch size (windows)"""
-    dm_lr: float = 2e-4
-    """DM learning rate (Adam)"""
-    dm_cond_channels: bool = True
-    """give the U-Net the clean s_0 (on every row) and actions as extra input channels (paper: no; the paper's
-    U-Net is `--no-dm-cond-channels --dm-padding zeros`)"""
-    dm_padding: Literal["replicate", "zeros"] = "replicate"
-    """how the U-Net pads the time axis: replicate (the edge rows) or zeros (paper)"""
-    dm_full_res_skip: bool = False
-    """feed the U-Net's finest-level features to its output block (paper: no, Diffuser's layout; measured: no gain)"""
-    dm_relative_states: bool = False
-    """denoise the states relative to s_0, so the prior of every state is s_0 (paper: absolute states)"""
-    dm_ema_decay: float = 0.999
-    """decay of the EMA copy of the DM weights"""
-    sigma_data: float = 0.5
-    """sigma_data of EDM; data are min/max scaled to [-1, 1] per dimension"""
-    p_mean: float = -1.2
-    """P_mean: mean of ln(sigma) during training"""
-    p_std: float = 1.2
-    """P_std: std of ln(sigma) during training"""
-    dm_checkpoint_every: int = 2000
-    """DM steps between resumable checkpoints"""
     dm_bf16: bool = True
     """train (and sample, in the report) the DM in bfloat16 autocast on a GPU, as the training scripts sample it"""
-
-    # Dynamics ensemble
-    dyn_members: int = 7
-    """ensemble members"""
-    dyn_elites: int = 5
-    """elite members, picked by held-out loss"""
-    dyn_hidden: int = 200
-    """hidden units per layer"""
-    dyn_batch_size: int = 256
-    """ensemble batch size"""
-    dyn_max_epochs: int = 200
-    """at most this many epochs (early stopping on a held-out split usually stops it sooner)"""
-    dyn_max_steps: int = 0
-    """if > 0, at most this many gradient steps"""
-
-    # Reward model
-    reward_steps: int = 20_000
-    """reward-model gradient steps (at most; early stopping)"""
-    reward_batch_size: int = 256
-    """reward-model batch size"""
 
     # Model report
     report_only: bool = False
     """measure the models already in {models_dir}/{env_id} (made by an earlier run) and rewrite their report"""
-    report_windows: int = 128
-    """start states (and dataset windows) used by the model report"""
-    report_iterations: int = 3
-    """M: DM <-> policy refinement iterations measured by the report"""
     sampler_steps: int = 34
     """N: EDM sampler steps (paper Table 3)"""
     sampler_churn: float = 60.0
@@ -267,8 +217,15 @@ def train_dm(args, data, train_segs, device, folder, log):
         f"{len(starts):,} training windows of L={L}"
     )
     t0, loss_avg = time.time(), None
-    bar = tqdm(range(step, args.dm_steps), initial=step, total=args.dm_steps, desc="DM", mininterval=2.0)
+    bar = tqdm(range(step, args.dm_steps), initial=step, total=args.dm_steps, desc="DM", mininterval=2.0, smoothing=0)
+    first = step
     for step in bar:
+        hours = (time.time() - t0) / 20 * (args.dm_steps - step) / 3600 if step == first + 20 else 0.0
+        if hours > 1 and device.type == "cpu":  # a short measurement says this is long: say so, then go on
+            tqdm.write(
+                f"no GPU: the {args.dm_steps - step:,} DM steps left will take about {hours:,.1f} h on this CPU "
+                f"(measured). CPU-size models: {cpu_command('pretrain_models.py', args.env_id)}"
+            )
         idx = torch.randint(len(starts), (args.dm_batch_size,), device=device, generator=gen)
         x, valid = gather_windows(states, actions, next_states, starts[idx], lengths[idx], L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dm_bf16):
@@ -507,6 +464,11 @@ def plot_report(curves, path, title):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    apply_preset(
+        args,
+        dict(PRESETS[args.preset]["pretrain"], models_dir=PRESETS[args.preset]["run"].get("models_dir", args.models_dir)),
+        sys.argv[1:],
+    )
     stop_on_signals(
         lambda: (
             "interrupted before pretraining began; nothing was saved: run the same command again "

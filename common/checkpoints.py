@@ -197,7 +197,7 @@ def _die_with_parent():
 def load_or_pretrain_models(args, data, device):
     """DyDiff's three pretrained models for `data`, from {args.models_dir}/{env_id}/, made first if missing.
 
-    A missing model is made by running `pretrain_models.py` (with `args.pretrain_args`) in a subprocess.
+    A missing model is made by running `pretrain_models.py` (with the options of `args.pretrain`) in a subprocess.
     Returns (denoiser, dm_normalizer, dynamics, reward_model); stops with one message when the models were
     made for other data or for another rollout length.
     """
@@ -219,7 +219,13 @@ def load_or_pretrain_models(args, data, device):
             str(args.dataset_steps),
             "--rollout-length",
             str(args.rollout_length),
-            *shlex.split(args.pretrain_args),
+            *args.pretrain.flags(),
+            # the report measures the DM with the sampler this run uses, on its device
+            "--sampler-steps",
+            str(args.sampler_steps),
+            "--sampler-churn",
+            str(args.sampler_churn),
+            *([] if args.cuda else ["--no-cuda"]),
         ]
         print(f"no pretrained models in {folder}: making them first (to do it separately: python {shlex.join(cmd[1:])})")
         # Ctrl-C reaches this process alone (the child has its own session); stopping here kills the child,

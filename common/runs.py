@@ -36,12 +36,9 @@ from common.checkpoints import (
     set_rng_state,
 )
 
+from common.config import PRESETS, PretrainConfig, apply_preset, given_flags
+
 CHANGEABLE_ON_RESUME = ("--total-steps",)
-
-
-def _flags(argv) -> set[str]:
-    """The --flags given on a command line (`--name value` or `--name=value`)."""
-    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
 
 
 def stop_on_signals(message) -> None:
@@ -55,12 +52,24 @@ def stop_on_signals(message) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def resumed_args(args, cls, argv=None):
-    """With `--resume RUN`, the arguments RUN started with (only --total-steps may change); else `args`.
+def parse_args(cls, argv=None):
+    """A training script's arguments: its command line with `--preset`'s values for the flags not given,
+    or, with `--resume RUN`, the arguments RUN began with (only --total-steps may change).
 
     Also makes Ctrl-C or a kill before training begins end in one line.
     """
+    import tyro
+
     argv = sys.argv[1:] if argv is None else argv
+    args = tyro.cli(cls, args=argv)
+    if not args.resume:
+        apply_preset(args, PRESETS[args.preset]["run"], argv)
+        apply_preset(args.pretrain, PRESETS[args.preset]["pretrain"], argv, prefix="pretrain.")
+    return resumed_args(args, cls, argv)
+
+
+def resumed_args(args, cls, argv):
+    """With `--resume RUN`, the arguments RUN began with (only --total-steps may change); else `args`."""
     stop_on_signals(lambda: "interrupted before training began; run the same command again (models already "
                              "pretrained are kept, an interrupted pretraining resumes, a dataset generation starts over)")
     if not args.resume:
@@ -70,18 +79,18 @@ def resumed_args(args, cls, argv=None):
         raise SystemExit(f"--resume {run_dir}: no checkpoint.pt there; pass the folder of a run that has evaluated once")
     try:
         saved = json.loads((run_dir / "args.json").read_text())
-        resumed = cls(**{**saved, "resume": str(run_dir)})
+        resumed = cls(**{**saved, "resume": str(run_dir), "pretrain": PretrainConfig(**saved["pretrain"])})
     except FileNotFoundError:
         raise SystemExit(f"{run_dir / 'args.json'} is missing: the run's arguments are gone, so it cannot be resumed; "
                          f"start a new run") from None
-    except (json.JSONDecodeError, TypeError) as e:
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
         raise SystemExit(f"{run_dir / 'args.json'} is damaged or was written by another version ({type(e).__name__}); "
                          f"it cannot be resumed: start a new run") from None
-    others = _flags(argv) - {"--resume", *CHANGEABLE_ON_RESUME}
+    others = given_flags(argv) - {"--resume", *CHANGEABLE_ON_RESUME}
     if others:
         raise SystemExit(f"--resume continues a run with the arguments it began with; only --total-steps may change "
                          f"(drop {', '.join(sorted(others))})")
-    if "--total-steps" in _flags(argv):
+    if "--total-steps" in given_flags(argv):
         resumed.total_steps = args.total_steps
     return resumed
 
@@ -141,7 +150,7 @@ class Run:
             import wandb
 
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, group=args.wandb_group,
-                                    config=vars(args), name=self.name, id=self.name.replace("/", "_")[-64:],
+                                    config=asdict(args), name=self.name, id=self.name.replace("/", "_")[-64:],
                                     resume="allow", save_code=True)
         self.metrics_file = open(self.dir / "metrics.jsonl", "a")
         self.start_time = time.time()

@@ -13,11 +13,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = os.environ.get("DYDIFF_TEST_DEVICE", "cpu")  # set by `pytest --device` (conftest.py)
 DEVICE_FLAG = "--cuda" if DEVICE == "cuda" else "--no-cuda"
-PRETRAIN = (
+# The tiny models' options: flags of pretrain_models.py, and nested (`--pretrain.dm-dim 8`) in the training scripts.
+MODEL_FLAGS = (
     "--dm-dim 8 --dm-dim-mults 1 2 --dm-steps 20 --dm-batch-size 16 --dyn-hidden 32 --dyn-max-steps 40 "
-    f"--reward-steps 40 --report-windows 4 --report-iterations 1 --sampler-steps 4 --holdout-fraction 0.1 "
-    f"{DEVICE_FLAG}"
+    "--reward-steps 40 --report-windows 4 --report-iterations 1 --holdout-fraction 0.1"
 )
+PRETRAIN = f"{MODEL_FLAGS} --sampler-steps 4 {DEVICE_FLAG}"
+
+
+def nested(flags: str) -> list[str]:
+    """pretrain_models.py's flags as a training script's nested ones: --dm-dim 8 -> --pretrain.dm-dim 8."""
+    return ["--pretrain." + t[2:] if t.startswith("--") else t for t in flags.split()]
+
+
 TINY = [
     "--env-id",
     "maze2d-umaze",
@@ -34,7 +42,7 @@ TINY = [
     "--sampler-steps",
     "4",
     DEVICE_FLAG,
-    f"--pretrain-args={PRETRAIN}",
+    *nested(MODEL_FLAGS),
 ]
 
 
@@ -44,7 +52,7 @@ EXTRA = {"dydiff_cql.py": ["--batch-size", "32", "--cql-n-actions", "2"]}  # kee
 
 def tiny(script, models, runs, *args):
     """A tiny run's command-line arguments for `script` with models in `models`, writing to `runs`."""
-    return [*TINY[:-1], *EXTRA.get(script, []), "--models-dir", str(models), "--runs-dir", str(runs), *args]
+    return [*TINY, *EXTRA.get(script, []), "--models-dir", str(models), "--runs-dir", str(runs), *args]
 
 
 def run_script(script, *args, check=True, timeout=600, env=None):

@@ -207,8 +207,7 @@ def processes_mentioning(text):
 
 def start_with_long_pretraining(tmp_path):
     models = tmp_path / "fresh-models"
-    pretrain = PRETRAIN.replace("--dm-steps 20", "--dm-steps 100000")
-    args = [*TINY[:-1], f"--pretrain-args={pretrain}", "--models-dir", str(models), "--runs-dir", str(tmp_path / "runs")]
+    args = [*TINY, "--pretrain.dm-steps", "100000", "--models-dir", str(models), "--runs-dir", str(tmp_path / "runs")]
     proc = start("dydiff_td3bc.py", args)
     wait_for(lambda: (models / "maze2d-umaze" / "reward.pt").exists(), proc)  # the child is training its DM now
     child = [p for p in processes_mentioning(str(models)) if p != proc.pid]

@@ -1,0 +1,153 @@
+"""The pretraining options the training scripts pass on, and the named presets (`--preset cpu`).
+
+`PretrainConfig` is both the model part of `pretrain_models.py`'s flags (`--dm-dim 32`) and, nested, the
+training scripts' (`--pretrain.dm-dim 32`): what they use when they make missing models first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+
+@dataclass
+class PretrainConfig:
+    # Diffusion model (EDM, paper Table 3)
+    dm_dim: int = 128
+    """width of the temporal U-Net (paper: 128)"""
+    dm_dim_mults: tuple[int, ...] = (1, 4, 8)
+    """channel multipliers of the U-Net levels (paper: 1 4 8)"""
+    dm_steps: int = 100_000
+    """DM gradient steps"""
+    dm_batch_size: int = 256
+    """DM batch size (windows)"""
+    dm_lr: float = 2e-4
+    """DM learning rate (Adam)"""
+    dm_cond_channels: bool = True
+    """give the U-Net the clean s_0 (on every row) and actions as extra input channels (paper: no; the paper's
+    U-Net is `--no-dm-cond-channels --dm-padding zeros`)"""
+    dm_padding: Literal["replicate", "zeros"] = "replicate"
+    """how the U-Net pads the time axis: replicate (the edge rows) or zeros (paper)"""
+    dm_full_res_skip: bool = False
+    """feed the U-Net's finest-level features to its output block (paper: no, Diffuser's layout; measured: no gain)"""
+    dm_relative_states: bool = False
+    """denoise the states relative to s_0, so the prior of every state is s_0 (paper: absolute states)"""
+    dm_ema_decay: float = 0.999
+    """decay of the EMA copy of the DM weights"""
+    sigma_data: float = 0.5
+    """sigma_data of EDM; data are min/max scaled to [-1, 1] per dimension"""
+    p_mean: float = -1.2
+    """P_mean: mean of ln(sigma) during training"""
+    p_std: float = 1.2
+    """P_std: std of ln(sigma) during training"""
+    dm_checkpoint_every: int = 2000
+    """DM steps between resumable checkpoints"""
+
+    # Dynamics ensemble
+    dyn_members: int = 7
+    """ensemble members"""
+    dyn_elites: int = 5
+    """elite members, picked by held-out loss"""
+    dyn_hidden: int = 200
+    """hidden units per layer"""
+    dyn_batch_size: int = 256
+    """ensemble batch size"""
+    dyn_max_epochs: int = 200
+    """at most this many epochs (early stopping on a held-out split usually stops it sooner)"""
+    dyn_max_steps: int = 0
+    """if > 0, at most this many gradient steps"""
+
+    # Reward model
+    reward_steps: int = 20_000
+    """reward-model gradient steps (at most; early stopping)"""
+    reward_batch_size: int = 256
+    """reward-model batch size"""
+
+    # Held-out data and the model report
+    holdout_fraction: float = 0.05
+    """the final fraction of the dataset is held out for the model report"""
+    report_windows: int = 128
+    """start states (and dataset windows) used by the model report"""
+    report_iterations: int = 3
+    """M: DM <-> policy refinement iterations measured by the report"""
+
+    def flags(self) -> list[str]:
+        """The pretrain_models.py flags of the values that differ from the defaults."""
+        out, default = [], PretrainConfig()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == getattr(default, f.name):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                out.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, tuple):
+                out += [flag, *map(str, value)]
+            else:
+                out += [flag, str(value)]
+        return out
+
+
+# Named configurations: the values a preset sets, unless the command line sets them itself.
+# "paper": every default (the paper's sizes, for a GPU). "cpu": what two CPU cores can run in about an hour.
+PRESETS = {
+    "paper": dict(pretrain={}, run={}),
+    "cpu": dict(
+        pretrain=dict(
+            dm_dim=32, dm_dim_mults=(1, 2, 4), dm_steps=8000, dm_batch_size=64, dyn_max_steps=20_000, reward_steps=20_000
+        ),
+        run=dict(models_dir="models-cpu", total_steps=20_000, eval_freq=5000, rollout_freq=2000, rollout_batch_size=256),
+    ),
+}
+
+
+def given_flags(argv) -> set[str]:
+    """The --flags given on a command line (`--name value` or `--name=value`)."""
+    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def apply_preset(target, values: dict, argv, prefix: str = "") -> None:
+    """Set each of `values` on `target` unless the command line gave its flag (`--{prefix}{name}`)."""
+    given = given_flags(argv)
+    for name, value in values.items():
+        flag = "--" + prefix + name.replace("_", "-")
+        if flag not in given and "--no-" + flag[2:] not in given:
+            setattr(target, name, value)
+
+
+def cpu_command(script: str, env_id: str) -> str:
+    """The one-line command of the CPU-scale configuration of `script` for `env_id`."""
+    return f"python {script} --env-id {env_id} --preset cpu"
+
+
+def rollout_cost_on_cpu(args, denoiser, normalizer, state_dim: int, action_dim: int, script: str) -> str | None:
+    """On a CPU, when it comes to an hour or more: the projected time of this run's DM sampling (from sampling
+    2 windows with 2 steps) and the command of the CPU-scale run; else None.
+
+    Uses its own random generator, so the run's random draws are the same with or without this measurement.
+    """
+    import time
+
+    import torch
+
+    from common.edm import refine_states
+
+    if next(denoiser.parameters()).device.type != "cpu" or args.num_iterations == 0:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    s0 = torch.zeros(2, state_dim)
+    actions = torch.zeros(2, args.rollout_length, action_dim)
+    refine_states(denoiser, normalizer, s0, actions, 2, 0.0, gen)  # warm-up
+    t0 = time.perf_counter()
+    refine_states(denoiser, normalizer, s0, actions, 2, 0.0, gen)  # 3 network evaluations of 2 windows
+    per_window_eval = (time.perf_counter() - t0) / (2 * 3)
+    rollouts = -(-args.total_steps // args.rollout_freq)
+    evals = args.rollout_batch_size * (2 * args.sampler_steps - 1) * args.num_iterations
+    hours = rollouts * evals * per_window_eval / 3600
+    if hours < 1:
+        return None
+    return (
+        f"no GPU: the DM sampling of this run ({rollouts:,} rollout steps of {args.rollout_batch_size:,} windows) "
+        f"will take about {hours:,.1f} h on this CPU (measured; the updates come on top). A run sized for two "
+        f"CPU cores: {cpu_command(script, args.env_id)}"
+    )
