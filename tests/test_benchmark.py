@@ -70,7 +70,9 @@ def test_benchmark_reports_every_section(tmp_path):
     assert all(v > 0 for v in phases.values())
     assert set(r["update"]) == {"eager/real only", "eager/mixed with D_syn"}
     p = r["projection"]
-    assert p["dydiff_s"] > 0 and p["base_s"] > 0 and p["parts_s"]["rollout steps"] > 0  # timing noise can order them either way at this size
+    assert (
+        p["dydiff_s"] > 0 and p["base_s"] > 0 and p["parts_s"]["rollout steps"] > 0
+    )  # timing noise can order them either way at this size
     assert "| DyDiff-TD3BC run, pretraining included |" in out.stdout
     # The before/after pairs compute the same thing: only their times may differ.
     assert r["evaluation"]["same_returns"] is True and r["evaluation"]["vectorized_s"] > 0
