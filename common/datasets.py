@@ -378,6 +378,8 @@ def _load_flat(dataset_ids: list[str], env_id: str) -> OfflineData:
     key = _source_key(dataset_ids)
     name = "dydiff-flat-" + hashlib.sha256(",".join(dataset_ids).encode()).hexdigest()[:8] + ".npz"
     path = Path(datasets_root()) / dataset_ids[0] / name
+    for stale in path.parent.glob("dydiff-flat-*.tmp*.npz"):  # left by a killed write
+        stale.unlink(missing_ok=True)
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -392,20 +394,33 @@ def _load_flat(dataset_ids: list[str], env_id: str) -> OfflineData:
                         minari_dataset=minari.load_dataset(dataset_ids[0]),
                         **{k: z[k] for k in _CACHED_ARRAYS},
                     )
-        except (OSError, KeyError, ValueError):
-            pass  # unreadable cache: rebuild it
-    data = _flatten(dataset_ids, env_id)
+        except Exception as e:  # truncated or damaged (zip, pickle, key errors): rebuild it
+            print(f"[dydiff] {path} is damaged ({type(e).__name__}): rebuilding it", file=sys.stderr)
+    try:
+        data = _flatten(dataset_ids, env_id)
+    except Exception as e:  # a damaged Minari file: h5py, pyarrow and json raise many kinds
+        folder = Path(datasets_root()) / dataset_ids[0]
+        raise ValueError(
+            f"the Minari dataset {', '.join(dataset_ids)} in {folder} cannot be read ({type(e).__name__}: {e}); "
+            f"delete that folder and run again (a local PointMaze dataset is generated again, a Minari one "
+            f"downloaded again)"
+        ) from None
     tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(
-        tmp,
-        key=key,
-        task=data.task,
-        state_dim=data.state_dim,
-        ref_min_score=data.ref_min_score,
-        ref_max_score=data.ref_max_score,
-        **{k: getattr(data, k) for k in _CACHED_ARRAYS},
-    )
-    os.replace(tmp, path)
+    try:
+        np.savez(
+            tmp,
+            key=key,
+            task=data.task,
+            state_dim=data.state_dim,
+            ref_min_score=data.ref_min_score,
+            ref_max_score=data.ref_max_score,
+            **{k: getattr(data, k) for k in _CACHED_ARRAYS},
+        )
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only or full store: work without the cache
+        print(f"[dydiff] could not write the cache {path} ({e.strerror or e}); loading goes on without it", file=sys.stderr)
+    finally:  # failed or interrupted: no temporary file stays
+        tmp.unlink(missing_ok=True)
     return data
 
 

@@ -342,12 +342,34 @@ def test_flat_cache_is_written_and_a_broken_one_is_rebuilt(umaze):
     folder = Path(datasets.datasets_root()) / umaze.dataset_ids[0]
     caches = list(folder.glob("dydiff-flat-*.npz"))
     assert len(caches) == 1
-    caches[0].write_bytes(b"not an npz")
-    again = load_dataset("maze2d-umaze", dataset_steps=STEPS, seed=0, progress=False, generate=False)
-    assert again.fingerprint == umaze.fingerprint
-    np.testing.assert_array_equal(again.segment_ends, umaze.segment_ends)
-    with np.load(caches[0]) as z:  # rewritten as a valid cache
-        assert z["observations"].shape == umaze.observations.shape
+    good = caches[0].read_bytes()
+    stale = folder / "dydiff-flat-0000.tmp999.npz"  # what a killed write leaves
+    for broken in (b"not an npz", good[: len(good) // 2]):  # garbage, and a truncated zip
+        caches[0].write_bytes(broken)
+        stale.write_bytes(b"x")
+        again = load_dataset("maze2d-umaze", dataset_steps=STEPS, seed=0, progress=False, generate=False)
+        assert again.fingerprint == umaze.fingerprint
+        np.testing.assert_array_equal(again.segment_ends, umaze.segment_ends)
+        with np.load(caches[0]) as z:  # rewritten as a valid cache
+            assert z["observations"].shape == umaze.observations.shape
+        assert not stale.exists() and not list(folder.glob("*.tmp*"))
+
+
+def test_an_unreadable_minari_dataset_is_named_with_the_fix(umaze, monkeypatch):
+    from pathlib import Path
+
+    def damaged(*args, **kwargs):
+        raise OSError("Unable to open file (truncated file)")
+
+    for cache in (Path(datasets.datasets_root()) / umaze.dataset_ids[0]).glob("dydiff-flat-*.npz"):
+        cache.rename(cache.with_suffix(".kept"))  # no cache: the Minari files are read
+    monkeypatch.setattr(datasets, "_flatten", damaged)
+    try:
+        with pytest.raises(ValueError, match=r"cannot be read \(OSError: .*truncated.*delete that folder and run again"):
+            load_dataset("maze2d-umaze", dataset_steps=STEPS, seed=0, progress=False, generate=False)
+    finally:
+        for kept in (Path(datasets.datasets_root()) / umaze.dataset_ids[0]).glob("dydiff-flat-*.kept"):
+            kept.rename(kept.with_suffix(".npz"))
 
 
 # ----------------------------------------------------------------------------- simulator replay
