@@ -293,9 +293,9 @@ class EnsembleDynamics(nn.Module):
             else torch.arange(n_train).expand(self.num_members, -1)
         )
         steps, epochs, epochs_since_update = 0, 0, 0
-        bar = tqdm(
-            range(max_epochs) if max_epochs is not None else itertools.count(),
-            desc="dynamics ensemble",
+        bar = tqdm(  # no total, so no ETA: early stopping usually ends it long before max_epochs
+            iter(range(max_epochs)) if max_epochs is not None else itertools.count(),
+            desc=f"dynamics ensemble, epochs (early stopping{f'; at most {max_epochs}' if max_epochs else ''})",
             disable=not progress,
             leave=False,
         )
