@@ -297,6 +297,100 @@ def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
 # ---- end of the DyDiff pieces ----
 
 
+def make_update_fn(nets, optimizers, args, max_action, obs_mean, obs_std, action_dim):
+    """CQL's gradient step as one function of a raw batch: update(batch, global_step) -> the losses to log."""
+    actor, qf1, qf2, qf1_target, qf2_target, log_alpha, log_alpha_prime = nets
+    q_optimizer, actor_optimizer, alpha_optimizer, alpha_prime_optimizer = optimizers
+    A = action_dim
+    target_entropy = -float(A)
+    rand_log_density = A * math.log(0.5 / max_action)  # uniform on [-max_action, max_action]^A
+
+    def update(batch, global_step):
+        obs, next_obs = (batch["obs"] - obs_mean) / obs_std, (batch["next_obs"] - obs_mean) / obs_std
+        B, N = len(obs), args.cql_n_actions
+
+        # policy and entropy temperature (SAC; behaviour cloning during the first bc_steps)
+        new_actions, log_pi = actor(obs)
+        alpha_loss = -(log_alpha() * (log_pi + target_entropy).detach()).mean()
+        alpha = log_alpha().exp().detach()
+        if global_step < args.bc_steps:
+            policy_loss = (alpha * log_pi - actor.log_prob(obs, batch["actions"])).mean()
+        else:
+            q_new = torch.min(qf1(obs, new_actions), qf2(obs, new_actions))
+            policy_loss = (alpha * log_pi - q_new).mean()
+
+        # critics: TD loss + conservative term
+        with torch.no_grad():
+            next_actions, _ = actor(next_obs)
+            target_q = torch.min(qf1_target(next_obs, next_actions), qf2_target(next_obs, next_actions))
+            target_q = batch["rewards"] + (1.0 - batch["dones"]) * args.gamma * target_q
+            obs_rep, next_obs_rep = obs.repeat_interleave(N, 0), next_obs.repeat_interleave(N, 0)
+            rand_actions = (torch.rand(B * N, A, device=obs.device) * 2.0 - 1.0) * max_action
+            curr_actions, logp_curr = actor(obs_rep)
+            next_sampled, logp_next = actor(next_obs_rep)
+        q1_pred, q2_pred = qf1(obs, batch["actions"]), qf2(obs, batch["actions"])
+        qf1_loss, qf2_loss = F.mse_loss(q1_pred, target_q), F.mse_loss(q2_pred, target_q)
+        gaps = []
+        for qf, q_pred in ((qf1, q1_pred), (qf2, q2_pred)):
+            q_rand, q_curr, q_next = (qf(obs_rep, a).view(B, N) for a in (rand_actions, curr_actions, next_sampled))
+            gaps.append(
+                cql_penalty(
+                    q_pred,
+                    q_rand,
+                    q_curr,
+                    logp_curr.view(B, N),
+                    q_next,
+                    logp_next.view(B, N),
+                    rand_log_density,
+                    args.cql_temperature,
+                ).mean()
+            )
+        if args.cql_lagrange:
+            alpha_prime = alpha_prime_value(log_alpha_prime).detach()
+            cql_loss = (
+                alpha_prime
+                * args.cql_alpha
+                * ((gaps[0] - args.cql_target_action_gap) + (gaps[1] - args.cql_target_action_gap))
+            )
+            alpha_prime_loss = lagrange_loss(log_alpha_prime, gaps[0], gaps[1], args.cql_alpha, args.cql_target_action_gap)
+            alpha_prime_optimizer.zero_grad(set_to_none=True)
+            alpha_prime_loss.backward()
+            alpha_prime_optimizer.step()
+        else:
+            cql_loss = args.cql_alpha * (gaps[0] + gaps[1])
+        qf_loss = qf1_loss + qf2_loss + cql_loss
+
+        alpha_optimizer.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        alpha_optimizer.step()
+        actor_optimizer.zero_grad(set_to_none=True)
+        policy_loss.backward()
+        actor_optimizer.step()
+        q_optimizer.zero_grad(set_to_none=True)
+        qf_loss.backward()
+        q_optimizer.step()
+        with torch.no_grad():
+            for net, target in ((qf1, qf1_target), (qf2, qf2_target)):
+                for p, tp in zip(net.parameters(), target.parameters()):
+                    tp.lerp_(p, args.tau)
+        return dict(
+            qf_loss=qf_loss.detach(),
+            qf1_loss=qf1_loss.detach(),
+            qf2_loss=qf2_loss.detach(),
+            cql_qf1_gap=gaps[0].detach(),
+            cql_qf2_gap=gaps[1].detach(),
+            cql_loss=cql_loss.detach(),
+            policy_loss=policy_loss.detach(),
+            log_pi=log_pi.mean().detach(),
+            alpha=alpha,
+            alpha_loss=alpha_loss.detach(),
+            qf1_values=q1_pred.mean().detach(),
+            **(dict(alpha_prime=alpha_prime, alpha_prime_loss=alpha_prime_loss.detach()) if args.cql_lagrange else {}),
+        )
+
+    return update
+
+
 if __name__ == "__main__":
     args = parse_args(Args, flag_pair(sys.argv[1:]))
     args = defaults_for(args, args.env_id)
@@ -340,13 +434,11 @@ if __name__ == "__main__":
     qf1_target.load_state_dict(qf1.state_dict())
     qf2_target.load_state_dict(qf2.state_dict())
     log_alpha, log_alpha_prime = Scalar(0.0).to(device), Scalar(1.0).to(device)
-    target_entropy = -float(A)
     q_optimizer = torch.optim.Adam(list(qf1.parameters()) + list(qf2.parameters()), lr=args.qf_lr)
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     alpha_optimizer = torch.optim.Adam(log_alpha.parameters(), lr=args.policy_lr)  # as CORL: the policy's lr
     alpha_prime_optimizer = torch.optim.Adam(log_alpha_prime.parameters(), lr=args.qf_lr)
     synthetic = SyntheticBuffer(args.synthetic_buffer_size, obs_dim, A, device)
-    rand_log_density = A * math.log(0.5 / max_action)  # uniform on [-max_action, max_action]^A
 
     def policy(obs):
         """The learning policy on raw observations, sampling a ~ pi(.|s) (what the rollout and relabelling call)."""
@@ -355,6 +447,10 @@ if __name__ == "__main__":
     def policy_deterministic(obs):
         """max_action * tanh(mean): the action evaluated in the environment."""
         return actor((obs - obs_mean) / obs_std, deterministic=True)[0]
+
+    nets = (actor, qf1, qf2, qf1_target, qf2_target, log_alpha, log_alpha_prime)
+    optimizers = (q_optimizer, actor_optimizer, alpha_optimizer, alpha_prime_optimizer)
+    update = make_update_fn(nets, optimizers, args, max_action, obs_mean, obs_std, A)
 
     # The run folder: a new one, or the killed run of --resume with everything its checkpoint holds
     run = Run(
@@ -438,97 +534,15 @@ if __name__ == "__main__":
 
         # CQL update
         batch, n_syn = mixed_batch(real, synthetic, args.batch_size, args.real_ratio, gen)
-        obs, next_obs = (batch["obs"] - obs_mean) / obs_std, (batch["next_obs"] - obs_mean) / obs_std
-        B, N = len(obs), args.cql_n_actions
-
-        # policy and entropy temperature (SAC; behaviour cloning during the first bc_steps)
-        new_actions, log_pi = actor(obs)
-        alpha_loss = -(log_alpha() * (log_pi + target_entropy).detach()).mean()
-        alpha = log_alpha().exp().detach()
-        if global_step < args.bc_steps:
-            policy_loss = (alpha * log_pi - actor.log_prob(obs, batch["actions"])).mean()
-        else:
-            q_new = torch.min(qf1(obs, new_actions), qf2(obs, new_actions))
-            policy_loss = (alpha * log_pi - q_new).mean()
-
-        # critics: TD loss + conservative term
-        with torch.no_grad():
-            next_actions, _ = actor(next_obs)
-            target_q = torch.min(qf1_target(next_obs, next_actions), qf2_target(next_obs, next_actions))
-            target_q = batch["rewards"] + (1.0 - batch["dones"]) * args.gamma * target_q
-            obs_rep, next_obs_rep = obs.repeat_interleave(N, 0), next_obs.repeat_interleave(N, 0)
-            rand_actions = (torch.rand(B * N, A, device=device) * 2.0 - 1.0) * max_action
-            curr_actions, logp_curr = actor(obs_rep)
-            next_sampled, logp_next = actor(next_obs_rep)
-        q1_pred, q2_pred = qf1(obs, batch["actions"]), qf2(obs, batch["actions"])
-        qf1_loss, qf2_loss = F.mse_loss(q1_pred, target_q), F.mse_loss(q2_pred, target_q)
-        gaps = []
-        for qf, q_pred in ((qf1, q1_pred), (qf2, q2_pred)):
-            q_rand, q_curr, q_next = (qf(obs_rep, a).view(B, N) for a in (rand_actions, curr_actions, next_sampled))
-            gaps.append(
-                cql_penalty(
-                    q_pred,
-                    q_rand,
-                    q_curr,
-                    logp_curr.view(B, N),
-                    q_next,
-                    logp_next.view(B, N),
-                    rand_log_density,
-                    args.cql_temperature,
-                ).mean()
-            )
-        if args.cql_lagrange:
-            alpha_prime = alpha_prime_value(log_alpha_prime).detach()
-            cql_loss = (
-                alpha_prime
-                * args.cql_alpha
-                * ((gaps[0] - args.cql_target_action_gap) + (gaps[1] - args.cql_target_action_gap))
-            )
-            alpha_prime_loss = lagrange_loss(log_alpha_prime, gaps[0], gaps[1], args.cql_alpha, args.cql_target_action_gap)
-            alpha_prime_optimizer.zero_grad(set_to_none=True)
-            alpha_prime_loss.backward()
-            alpha_prime_optimizer.step()
-        else:
-            cql_loss = args.cql_alpha * (gaps[0] + gaps[1])
-        qf_loss = qf1_loss + qf2_loss + cql_loss
-
-        alpha_optimizer.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        alpha_optimizer.step()
-        actor_optimizer.zero_grad(set_to_none=True)
-        policy_loss.backward()
-        actor_optimizer.step()
-        q_optimizer.zero_grad(set_to_none=True)
-        qf_loss.backward()
-        q_optimizer.step()
-        with torch.no_grad():
-            for net, target in ((qf1, qf1_target), (qf2, qf2_target)):
-                for p, tp in zip(net.parameters(), target.parameters()):
-                    tp.lerp_(p, args.tau)
+        losses = update(batch, global_step)
 
         # Logging, evaluation and checkpoint
         step = global_step + 1
         if step % 1000 == 0 or step == args.total_steps:
-            if not torch.isfinite(qf_loss):
+            if not torch.isfinite(losses["qf_loss"]):
                 raise SystemExit(f"NaN/inf in the critic loss at step {step}; lower --qf-lr or check the data")
-            losses = {
-                "losses/qf1_loss": qf1_loss.item(),
-                "losses/qf2_loss": qf2_loss.item(),
-                "losses/cql_qf1_gap": gaps[0].item(),
-                "losses/cql_qf2_gap": gaps[1].item(),
-                "losses/cql_loss": cql_loss.item(),
-                "losses/policy_loss": policy_loss.item(),
-                "losses/log_pi": log_pi.mean().item(),
-                "losses/alpha": alpha.item(),
-                "losses/alpha_loss": alpha_loss.item(),
-                "losses/qf1_values": q1_pred.mean().item(),
-                "charts/synthetic_in_batch": n_syn / args.batch_size,
-                "charts/SPS": run.sps(step),
-            }
-            if args.cql_lagrange:
-                losses["losses/alpha_prime"] = alpha_prime.item()
-                losses["losses/alpha_prime_loss"] = alpha_prime_loss.item()
-            run.log(losses, step)
+            metrics = {f"losses/{k}": v.item() for k, v in losses.items() if k != "qf_loss"}
+            run.log(dict(metrics, **{"charts/synthetic_in_batch": n_syn / args.batch_size, "charts/SPS": run.sps(step)}), step)
         if step % args.eval_freq == 0 or step == args.total_steps:
             actor.eval()
             with torch.no_grad():

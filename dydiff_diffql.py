@@ -390,6 +390,61 @@ def mixed_batch(real, synthetic, batch_size, real_ratio, generator):
 # ---- end of the DyDiff pieces ----
 
 
+def make_update_fn(nets, optimizers, schedulers, args, obs_mean, obs_std, generator):
+    """Diffusion-QL's gradient step as one function of a raw batch: update(batch, global_step) -> the losses to log."""
+    actor, ema_actor, critic, critic_target = nets
+    actor_optimizer, critic_optimizer = optimizers
+
+    def update(batch, global_step):
+        obs, next_obs = (batch["obs"] - obs_mean) / obs_std, (batch["next_obs"] - obs_mean) / obs_std
+        with torch.no_grad():  # targets from the EMA actor and the target critics
+            if args.max_q_backup:
+                next_rpt = next_obs.repeat_interleave(10, dim=0)
+                tq1, tq2 = critic_target(next_rpt, ema_actor.sample(next_rpt))
+                target_q = torch.min(tq1.view(-1, 10).amax(1), tq2.view(-1, 10).amax(1))
+            else:
+                target_q = critic_target.q_min(next_obs, ema_actor.sample(next_obs))
+            target_q = batch["rewards"] + (1.0 - batch["dones"]) * args.gamma * target_q
+        current_q1, current_q2 = critic(obs, batch["actions"])
+        critic_loss = F.mse_loss(current_q1, target_q) + F.mse_loss(current_q2, target_q)
+        critic_optimizer.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        if args.grad_norm > 0:
+            nn.utils.clip_grad_norm_(critic.parameters(), max_norm=args.grad_norm)
+        critic_optimizer.step()
+
+        bc_loss = actor.bc_loss(obs, batch["actions"])
+        new_q1, new_q2 = critic(obs, actor.sample(obs))
+        # Q1 or Q2 at random, as the authors; the coin stays on the device (no host sync per step)
+        coin = torch.rand((), device=obs.device, generator=generator) > 0.5
+        ql_loss = torch.where(
+            coin, -new_q1.mean() / new_q2.abs().mean().detach(), -new_q2.mean() / new_q1.abs().mean().detach()
+        )
+        actor_loss = bc_loss + args.eta * ql_loss
+        actor_optimizer.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        if args.grad_norm > 0:
+            nn.utils.clip_grad_norm_(actor.parameters(), max_norm=args.grad_norm)
+        actor_optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
+        with torch.no_grad():
+            if global_step % args.update_ema_every == 0 and global_step >= args.step_start_ema:
+                for p, ep in zip(actor.parameters(), ema_actor.parameters()):
+                    ep.lerp_(p, 1.0 - args.ema_decay)
+            for p, tp in zip(critic.parameters(), critic_target.parameters()):
+                tp.lerp_(p, args.tau)
+        return dict(
+            bc_loss=bc_loss.detach(),
+            ql_loss=ql_loss.detach(),
+            actor_loss=actor_loss.detach(),
+            critic_loss=critic_loss.detach(),
+            qf1_values=current_q1.mean().detach(),
+        )
+
+    return update
+
+
 if __name__ == "__main__":
     args = parse_args(Args)
     args = defaults_for(args, args.env_id)
@@ -454,6 +509,16 @@ if __name__ == "__main__":
         """Evaluation on states [n, obs_dim]: `eval_samples` actions per state, one drawn by softmax over min(Q1, Q2)
         of the target critics."""
         return select_actions(actor, critic_target, norm(obs), args.eval_samples)
+
+    update = make_update_fn(
+        (actor, ema_actor, critic, critic_target),
+        (actor_optimizer, critic_optimizer),
+        schedulers,
+        args,
+        obs_mean,
+        obs_std,
+        gen,
+    )
 
     # The run folder: a new one, or the killed run of --resume with everything its checkpoint holds
     run = Run(
@@ -533,63 +598,16 @@ if __name__ == "__main__":
 
         # Diffusion-QL update
         batch, n_syn = mixed_batch(real, synthetic, args.batch_size, args.real_ratio, gen)
-        obs, next_obs = norm(batch["obs"]), norm(batch["next_obs"])
-        with torch.no_grad():  # targets from the EMA actor and the target critics
-            if args.max_q_backup:
-                next_rpt = next_obs.repeat_interleave(10, dim=0)
-                tq1, tq2 = critic_target(next_rpt, ema_actor.sample(next_rpt))
-                target_q = torch.min(tq1.view(-1, 10).amax(1), tq2.view(-1, 10).amax(1))
-            else:
-                target_q = critic_target.q_min(next_obs, ema_actor.sample(next_obs))
-            target_q = batch["rewards"] + (1.0 - batch["dones"]) * args.gamma * target_q
-        current_q1, current_q2 = critic(obs, batch["actions"])
-        critic_loss = F.mse_loss(current_q1, target_q) + F.mse_loss(current_q2, target_q)
-        critic_optimizer.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        if args.grad_norm > 0:
-            nn.utils.clip_grad_norm_(critic.parameters(), max_norm=args.grad_norm)
-        critic_optimizer.step()
-
-        bc_loss = actor.bc_loss(obs, batch["actions"])
-        new_q1, new_q2 = critic(obs, actor.sample(obs))
-        # Q1 or Q2 at random, as the authors; the coin stays on the device (no host sync per step)
-        coin = torch.rand((), device=device, generator=gen) > 0.5
-        ql_loss = torch.where(
-            coin, -new_q1.mean() / new_q2.abs().mean().detach(), -new_q2.mean() / new_q1.abs().mean().detach()
-        )
-        actor_loss = bc_loss + args.eta * ql_loss
-        actor_optimizer.zero_grad(set_to_none=True)
-        actor_loss.backward()
-        if args.grad_norm > 0:
-            nn.utils.clip_grad_norm_(actor.parameters(), max_norm=args.grad_norm)
-        actor_optimizer.step()
-        for scheduler in schedulers:
-            scheduler.step()
-        with torch.no_grad():
-            if global_step % args.update_ema_every == 0 and global_step >= args.step_start_ema:
-                for p, ep in zip(actor.parameters(), ema_actor.parameters()):
-                    ep.lerp_(p, 1.0 - args.ema_decay)
-            for p, tp in zip(critic.parameters(), critic_target.parameters()):
-                tp.lerp_(p, args.tau)
+        losses = update(batch, global_step)
 
         # Logging, evaluation and checkpoint
         step = global_step + 1
         if step % 1000 == 0 or step == args.total_steps:
-            if not torch.isfinite(critic_loss):
+            if not torch.isfinite(losses["critic_loss"]):
                 raise SystemExit(f"NaN/inf in the critic loss at step {step}; lower --learning-rate or check the data")
-            run.log(
-                {
-                    "losses/bc_loss": bc_loss.item(),
-                    "losses/ql_loss": ql_loss.item(),
-                    "losses/actor_loss": actor_loss.item(),
-                    "losses/critic_loss": critic_loss.item(),
-                    "losses/qf1_values": current_q1.mean().item(),
-                    "charts/learning_rate": actor_optimizer.param_groups[0]["lr"],
-                    "charts/synthetic_in_batch": n_syn / args.batch_size,
-                    "charts/SPS": run.sps(step),
-                },
-                step,
-            )
+            metrics = {f"losses/{k}": v.item() for k, v in losses.items()}
+            metrics["charts/learning_rate"] = actor_optimizer.param_groups[0]["lr"]
+            run.log(dict(metrics, **{"charts/synthetic_in_batch": n_syn / args.batch_size, "charts/SPS": run.sps(step)}), step)
         if step % args.eval_freq == 0 or step == args.total_steps:
             actor.eval()
             with torch.no_grad():
