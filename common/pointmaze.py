@@ -316,23 +316,20 @@ def collect(
     return env, episodes, refs
 
 
-def generate_dataset(
-    dataset_id: str,
-    maze: str,
-    dense: bool = False,
-    dataset_steps: int = DEFAULT_STEPS,
-    seed: int = DEFAULT_SEED,
-    solver: str = DEFAULT_SOLVER,
-    checkpoint_every: int = CHECKPOINT_EVERY,
-    progress: bool = True,
-):
-    """Collect and store a PointMaze dataset as a Minari dataset under `dataset_id` (see `collect`)."""
+def generate_dataset(dataset_id: str, maze: str, dense: bool = False, progress: bool = True, **options):
+    """Collect and store a PointMaze dataset as a Minari dataset under `dataset_id`.
+
+    `options`: `collect`'s dataset_steps, seed, solver and checkpoint_every (their defaults otherwise).
+    """
     import minari
     from minari.data_collector import EpisodeBuffer
     from minari.storage import get_dataset_path
 
-    env, episodes, (ref_min, ref_max) = collect(
-        maze, dense, dataset_steps, seed, solver, checkpoint_every, REF_EPISODES, progress
+    defaults = dict(dataset_steps=DEFAULT_STEPS, seed=DEFAULT_SEED, solver=DEFAULT_SOLVER, checkpoint_every=CHECKPOINT_EVERY)
+    options = {**defaults, **options}
+    env, episodes, (ref_min, ref_max) = collect(maze, dense, ref_episodes=REF_EPISODES, progress=progress, **options)
+    dataset_steps, seed, solver, checkpoint_every = (
+        options[k] for k in ("dataset_steps", "seed", "solver", "checkpoint_every")
     )
     buffers = [EpisodeBuffer(id=i, infos={}, **ep) for i, ep in enumerate(episodes)]
     eval_env = make_eval_env(maze, dense)
