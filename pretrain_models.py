@@ -156,6 +156,7 @@ def dm_config(args) -> dict:
         padding_mode=args.dm_padding,
         cond_channels=args.dm_cond_channels,
         relative_states=args.dm_relative_states,
+        position_channels=args.dm_position_channels,
     )
 
 
@@ -191,13 +192,18 @@ def train_dm(args, data, train_segs, device, folder, log):
     ema = EMA(denoiser, decay=args.dm_ema_decay)
     opt = torch.optim.Adam(denoiser.parameters(), lr=args.dm_lr)
     cond_mask = condition_mask(L, S, A, device=device)
+    row_weight = None
+    if args.dm_edge_weight != 1.0:  # s_1 and s_{L-1}: the rows next to the condition s_0 and to the window's end
+        row_weight = torch.ones(L, device=device)
+        row_weight[[1, L - 1]] = args.dm_edge_weight
     gen = torch.Generator(device=device).manual_seed(args.seed)
     dm_bf16 = args.dm_bf16 and device.type == "cuda"
     step = 0
     ckpt_path = folder / "dm_train.pt"
     ckpt = load_dm_checkpoint(ckpt_path) if args.resume else None
     if ckpt is not None:
-        if (ckpt["fingerprint"], ckpt["config"], "rng" in ckpt) != (data.fingerprint, config, True):
+        saved = (ckpt["fingerprint"], ckpt["config"], ckpt.get("edge_weight", 1.0), "rng" in ckpt)
+        if saved != (data.fingerprint, config, args.dm_edge_weight, True):
             print(f"{ckpt_path} is for other data or another DM configuration: training the DM from scratch")
         else:
             denoiser.load_state_dict(ckpt["model"])
@@ -212,7 +218,8 @@ def train_dm(args, data, train_segs, device, folder, log):
     print(
         f"DM: temporal U-Net dim {args.dm_dim}, mults {args.dm_dim_mults}, full-resolution skip "
         f"{args.dm_full_res_skip}, {args.dm_padding} padding, condition channels {args.dm_cond_channels}, "
-        f"states relative to s_0 {args.dm_relative_states}, "
+        f"states relative to s_0 {args.dm_relative_states}, position channels {args.dm_position_channels}, "
+        f"edge-row loss weight {args.dm_edge_weight}, "
         f"{n_params / 1e6:.2f}M parameters; "
         f"{len(starts):,} training windows of L={L}"
     )
@@ -229,7 +236,16 @@ def train_dm(args, data, train_segs, device, folder, log):
         idx = torch.randint(len(starts), (args.dm_batch_size,), device=device, generator=gen)
         x, valid = gather_windows(states, actions, next_states, starts[idx], lengths[idx], L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dm_bf16):
-            loss = edm_loss(denoiser, normalizer.normalize(x), cond_mask, args.p_mean, args.p_std, valid=valid, generator=gen)
+            loss = edm_loss(
+                denoiser,
+                normalizer.normalize(x),
+                cond_mask,
+                args.p_mean,
+                args.p_std,
+                valid=valid,
+                generator=gen,
+                row_weight=row_weight,
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -254,6 +270,7 @@ def train_dm(args, data, train_segs, device, folder, log):
                     step=step + 1,
                     fingerprint=data.fingerprint,
                     config=config,
+                    edge_weight=args.dm_edge_weight,
                 ),
                 ckpt_path,
                 keep_previous=True,
@@ -272,6 +289,40 @@ def train_dm(args, data, train_segs, device, folder, log):
 def state_error(pred, true):
     """Mean over windows of the squared state error at each horizon t: [L]."""
     return ((np.asarray(pred, dtype=np.float64) - np.asarray(true, dtype=np.float64)) ** 2).sum(-1).mean(0)
+
+
+def middle_positions(n: int) -> slice:
+    """The middle half of n transition positions (n // 4 .. n - n // 4): the mid-window reference."""
+    return slice(n // 4, n - n // 4) if n >= 4 else slice(0, n)
+
+
+def one_step_summary(err: np.ndarray, stat) -> dict:
+    """err [W, L-1] (window, position) -> stat (np.mean or np.median) over windows of the first, second and last
+    transition, and over windows and the middle half of the positions pooled ("middle").
+
+    A single mid-window position is not a reference: one-step errors are heavy-tailed (a rare window whose
+    generated state meets a wall differently from the simulator outweighs hundreds of others), so the mean
+    at one position depends on which windows happen to have such an event there."""
+    n = err.shape[1]
+    return {
+        "first": float(stat(err[:, 0])),
+        "second": float(stat(err[:, min(1, n - 1)])),
+        "middle": float(stat(err[:, middle_positions(n)])),
+        "last": float(stat(err[:, -1])),
+    }
+
+
+def first_over_middle(err: np.ndarray, stat: str, rng, resamples: int = 1000) -> dict:
+    """The ratio of the first transition's error to the middle half's (err [W, L-1]), by mean or median over
+    windows, with a 90 % bootstrap interval over windows."""
+    f = np.mean if stat == "mean" else np.median
+    first, middle = err[:, 0], err[:, middle_positions(err.shape[1])]
+
+    def ratio(rows):
+        return float(f(first[rows]) / max(float(f(middle[rows])), 1e-30))
+
+    boot = [ratio(rng.integers(len(err), size=len(err))) for _ in range(resamples)]
+    return {"ratio": ratio(np.arange(len(err))), "low": float(np.quantile(boot, 0.05)), "high": float(np.quantile(boot, 0.95))}
 
 
 @torch.no_grad()
@@ -294,6 +345,8 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
             "padding_mode": args.dm_padding,
             "cond_channels": args.dm_cond_channels,
             "relative_states": args.dm_relative_states,
+            "position_channels": args.dm_position_channels,
+            "edge_weight": args.dm_edge_weight,
             "sampler_steps": args.sampler_steps,
             "sampler_churn": args.sampler_churn,
             "params": sum(p.numel() for p in denoiser.parameters()),
@@ -353,15 +406,15 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     env = data.make_eval_env()
 
     def one_step(states, actions):
-        """One-step validity of the transitions (s_t, a_t, s_t+1) of generated windows, by position t: the squared
-        error [L-1] against the real simulator stepped once from s_t with a_t, of the generated s_t+1, of
-        copying s_t, and of the ensemble's one-step prediction from the same s_t."""
+        """One-step validity of the transitions (s_t, a_t, s_t+1) of generated windows: the squared error
+        [W, L-1] (window, position t) against the real simulator stepped once from s_t with a_t, of the
+        generated s_t+1, of copying s_t, and of the ensemble's one-step prediction from the same s_t."""
         W = states.shape[0]
         s_t, a_t = states[:, :-1].reshape(-1, S), actions[:, :-1].reshape(-1, A)
         real = torch.as_tensor(step_from(env, data.task, s_t.cpu().numpy(), a_t.cpu().numpy()), dtype=s_t.dtype, device=device)
 
         def err(pred):
-            return ((pred - real) ** 2).sum(-1).reshape(W, L - 1).mean(0).cpu().numpy()
+            return ((pred - real) ** 2).sum(-1).reshape(W, L - 1).cpu().numpy()
 
         return {
             "generated": err(states[:, 1:].reshape(-1, S)),
@@ -416,11 +469,15 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     report["state_error_vs_horizon"] = {k: v.tolist() for k, v in curves.items()}
     report[f"state_error_at_{L - 1}"] = {k: float(v[-1]) for k, v in curves.items()}
     report["state_error_mean"] = {k: float(v.mean()) for k, v in curves.items()}
-    report["one_step_error_vs_position"] = {k: {kind: e.tolist() for kind, e in v.items()} for k, v in validity.items()}
-    positions = {"first": 0, "second": 1, "middle": (L - 1) // 2, "last": L - 2}
-    report["one_step_error"] = {
-        k: {kind: {p: float(e[min(t, L - 2)]) for p, t in positions.items()} for kind, e in v.items()}
-        for k, v in validity.items()
+    report["one_step_error_vs_position"] = {
+        k: {kind: e.mean(0).tolist() for kind, e in v.items()} for k, v in validity.items()
+    }
+    report["one_step_error"] = {k: {kind: one_step_summary(e, np.mean) for kind, e in v.items()} for k, v in validity.items()}
+    report["one_step_error_median"] = {
+        k: {kind: one_step_summary(e, np.median) for kind, e in v.items()} for k, v in validity.items()
+    }
+    report["one_step_first_over_middle"] = {
+        k: {stat: first_over_middle(v["generated"], stat, rng) for stat in ("mean", "median")} for k, v in validity.items()
     }
     with open(folder / ".report.json.tmp", "w") as f:
         json.dump(report, f, indent=1)
@@ -481,6 +538,8 @@ if __name__ == "__main__":
         raise SystemExit(f"--holdout-fraction must be in (0, 0.5), got {args.holdout_fraction}")
     if args.dyn_elites > args.dyn_members:
         raise SystemExit(f"--dyn-elites ({args.dyn_elites}) cannot exceed --dyn-members ({args.dyn_members})")
+    if not args.dm_edge_weight > 0:
+        raise SystemExit(f"--dm-edge-weight must be > 0 (1: every row alike), got {args.dm_edge_weight}")
     if args.offline:
         os.environ[OFFLINE_ENV_VAR] = "1"
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -554,6 +613,8 @@ if __name__ == "__main__":
             saved = dict(dm_config(args), **{k: ckpt[k] for k in dm_config(args) if k in ckpt})  # old files: paper net
             if saved != dm_config(args) or ckpt["steps"] != args.dm_steps:
                 return False
+            if ckpt["args"].get("dm_edge_weight", 1.0) != args.dm_edge_weight:  # the same network, trained otherwise
+                return False
         return ckpt["fingerprint"] == data.fingerprint
 
     if args.report_only:  # measure the models as they are, whatever command made them
@@ -576,6 +637,8 @@ if __name__ == "__main__":
             dm_info.get("cond_channels", False),
             dm_info.get("relative_states", False),
         )
+        args.dm_position_channels = dm_info.get("position_channels", False)
+        args.dm_edge_weight = dm_info["args"].get("dm_edge_weight", 1.0)
     train_segs, held_segs, n_train = split_segments(data, args.holdout_fraction)
     S = data.state_dim
     timings = {}
@@ -659,16 +722,19 @@ if __name__ == "__main__":
     )
     print(
         "one-step error of generated transitions vs the real simulator, by position in the window "
-        "(generated / copy s_t / ensemble):"
+        "(generated / copy s_t / ensemble; middle: the middle half of the positions):"
     )
-    for name, kinds in report["one_step_error"].items():
-        print(
-            f"  {name}: "
-            + ", ".join(
-                f"{p} {kinds['generated'][p]:.4g} / {kinds['copy'][p]:.4g} / {kinds['ensemble'][p]:.4g}"
-                for p in kinds["generated"]
+    for stat, key in (("mean", "one_step_error"), ("median", "one_step_error_median")):
+        for name, kinds in report[key].items():
+            r = report["one_step_first_over_middle"][name][stat]
+            print(
+                f"  {stat}, {name}: "
+                + ", ".join(
+                    f"{p} {kinds['generated'][p]:.4g} / {kinds['copy'][p]:.4g} / {kinds['ensemble'][p]:.4g}"
+                    for p in kinds["generated"]
+                )
+                + f"; first / middle {r['ratio']:.2f}x (90 % interval {r['low']:.2f}-{r['high']:.2f})"
             )
-        )
     print(f"timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
     print(f"models, report.json and report.png in {folder}")
     if wandb_run is not None:

@@ -148,7 +148,11 @@ def load_dm(folder, fingerprint: str | None = None, device="cpu"):
     ckpt = load_model_file(folder, "dm", fingerprint)
     C = ckpt["state_dim"] + ckpt["action_dim"]
     # Files written before the network options existed hold the paper's network: the options' defaults.
-    options = {k: ckpt[k] for k in ("full_res_skip", "padding_mode", "cond_channels", "relative_states") if k in ckpt}
+    options = {
+        k: ckpt[k]
+        for k in ("full_res_skip", "padding_mode", "cond_channels", "relative_states", "position_channels")
+        if k in ckpt
+    }
     denoiser = build_denoiser(
         ckpt["state_dim"],
         ckpt["action_dim"],

@@ -25,13 +25,17 @@ class PretrainConfig:
     """DM learning rate (Adam)"""
     dm_cond_channels: bool = True
     """give the U-Net the clean s_0 (on every row) and actions as extra input channels (paper: no; the paper's
-    U-Net is `--no-dm-cond-channels --dm-padding zeros`)"""
+    U-Net is `--no-dm-cond-channels --dm-padding zeros --dm-edge-weight 1`)"""
     dm_padding: Literal["replicate", "zeros"] = "replicate"
     """how the U-Net pads the time axis: replicate (the edge rows) or zeros (paper)"""
     dm_full_res_skip: bool = False
     """feed the U-Net's finest-level features to its output block (paper: no, Diffuser's layout; measured: no gain)"""
     dm_relative_states: bool = False
     """denoise the states relative to s_0, so the prior of every state is s_0 (paper: absolute states)"""
+    dm_position_channels: bool = False
+    """give the U-Net each row's distance to the window's first and last row as two extra input channels (paper: no)"""
+    dm_edge_weight: float = 10.0
+    """loss weight of the first and the last generated row, s_1 and s_{L-1} (paper: 1, every row alike)"""
     dm_ema_decay: float = 0.999
     """decay of the EMA copy of the DM weights"""
     sigma_data: float = 0.5

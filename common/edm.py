@@ -234,21 +234,30 @@ class EDMPrecond(nn.Module):
     (c_in = 0.012 at sigma = 80). With `relative_states=S`, the denoiser works on the states relative to
     s_0: it subtracts s_0 from the first S columns of every row, denoises, and adds s_0 back. That is an
     exact change of variables (s_0 is clean), but it changes the prior: where F says nothing, the
-    denoised state is s_0, not the data's mean. The conditions are read from x, which always holds
-    them clean (hard replacement, in training and in sampling).
+    denoised state is s_0, not the data's mean. With `position_channels`, F also receives two channels
+    that say where each row is: 1 / (1 + t) and 1 / (1 + L - 1 - t), which single out the rows next to
+    s_0 and to the window's end (a convolution alone cannot tell them from the others). The conditions
+    are read from x, which always holds them clean (hard replacement, in training and in sampling).
     """
 
     def __init__(
-        self, net: nn.Module, sigma_data: float = 0.5, cond_channels: tuple[int, int] | None = None, relative_states: int = 0
+        self,
+        net: nn.Module,
+        sigma_data: float = 0.5,
+        cond_channels: tuple[int, int] | None = None,
+        relative_states: int = 0,
+        position_channels: bool = False,
     ):
-        """net: F(x [B, L, C(+S+A)], noise [B]) -> [B, L, C]; sigma_data: std of the (normalized) data;
+        """net: F(x [B, L, C(+S+A)(+2)], noise [B]) -> [B, L, C]; sigma_data: std of the (normalized) data;
         cond_channels: (S, A) to give F the clean s_0 and actions as extra channels, None for the paper's F;
-        relative_states: S to denoise the states relative to s_0, 0 for the paper's absolute states."""
+        relative_states: S to denoise the states relative to s_0, 0 for the paper's absolute states;
+        position_channels: give F each row's distance to the window's first and last row."""
         super().__init__()
         self.net = net
         self.sigma_data = sigma_data
         self.cond_channels = tuple(cond_channels) if cond_channels else None
         self.relative_states = relative_states
+        self.position_channels = position_channels
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
         """D(x; sigma) for x [B, L, C] and sigma a float or a tensor broadcastable to [B]."""
@@ -266,6 +275,10 @@ class EDMPrecond(nn.Module):
             S, A = self.cond_channels
             s0 = x[:, :1, :S].expand(-1, x.shape[1], -1)
             net_in = torch.cat([net_in, s0, x[:, :, S : S + A]], dim=-1)
+        if self.position_channels:
+            t = torch.arange(x.shape[1], dtype=x.dtype, device=x.device)
+            where = torch.stack([1 / (1 + t), 1 / (x.shape[1] - t)], dim=-1)  # 1/(1+t), 1/(1+L-1-t)
+            net_in = torch.cat([net_in, where.expand(x.shape[0], -1, -1)], dim=-1)
         return c_skip * (x - shift) + c_out * self.net(net_in, c_noise) + shift
 
 
@@ -279,6 +292,7 @@ def build_denoiser(
     padding_mode: str = "zeros",
     cond_channels: bool = False,
     relative_states: bool = False,
+    position_channels: bool = False,
 ) -> EDMPrecond:
     """The DM's denoiser: an EDMPrecond around a TemporalUnet. The defaults are the paper's network."""
     C = state_dim + action_dim
@@ -286,7 +300,7 @@ def build_denoiser(
         C,
         dim=dim,
         dim_mults=tuple(dim_mults),
-        in_channels=2 * C if cond_channels else C,
+        in_channels=(2 * C if cond_channels else C) + (2 if position_channels else 0),
         full_res_skip=full_res_skip,
         padding_mode=padding_mode,
     )
@@ -295,6 +309,7 @@ def build_denoiser(
         sigma_data=sigma_data,
         cond_channels=(state_dim, action_dim) if cond_channels else None,
         relative_states=state_dim if relative_states else 0,
+        position_channels=position_channels,
     )
 
 
@@ -306,11 +321,13 @@ def edm_loss(
     P_std: float = 1.2,
     valid: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    row_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Paper Eq. 4: EDM loss on the generated entries only, conditions clean (hard-replaced) in the input.
 
     denoiser: D(x, sigma [B]) with attribute sigma_data (an EDMPrecond); x0 [B, L, C] clean windows;
-    cond_mask [L, C] (or broadcastable to x0); valid [B, L] bool, False on padding rows, which are skipped.
+    cond_mask [L, C] (or broadcastable to x0); valid [B, L] bool, False on padding rows, which are skipped;
+    row_weight [L]: a weight per row, the loss then being the weighted mean (None: every row alike, the paper's).
     """
     B = x0.shape[0]
     cond_mask = cond_mask.to(x0.device)
@@ -327,7 +344,10 @@ def edm_loss(
     if valid is not None:
         counted = counted & valid.to(x0.device)[:, :, None]
     per_entry = torch.where(counted, weight * (D - x0) ** 2, torch.zeros_like(x0))
-    return per_entry.sum() / counted.sum().clamp(min=1)
+    if row_weight is None:
+        return per_entry.sum() / counted.sum().clamp(min=1)
+    row_weight = row_weight.to(x0)[None, :, None]
+    return (per_entry * row_weight).sum() / (counted * row_weight).sum().clamp(min=1e-12)
 
 
 @torch.no_grad()

@@ -415,6 +415,27 @@ def test_loss_value_matches_weighted_mse_on_generated_entries():
     assert torch.isfinite(loss) and loss > 0
 
 
+def test_row_weight_weights_the_loss_per_row():
+    """row_weight: the weighted mean over the generated entries; all ones gives the paper's loss exactly."""
+    mask = condition_mask(L_, S_, A_)
+    x0 = _batch()
+    D = EDMPrecond(tiny_unet(S_ + A_))
+    plain = edm_loss(D, x0, mask, generator=torch.Generator().manual_seed(1))
+    ones = edm_loss(D, x0, mask, generator=torch.Generator().manual_seed(1), row_weight=torch.ones(L_))
+    torch.testing.assert_close(ones, plain)
+    w = torch.ones(L_)
+    w[[1, L_ - 1]] = 10.0
+    rec = Recorder(D)
+    loss = edm_loss(rec, x0, mask, generator=torch.Generator().manual_seed(1), row_weight=w)
+    ((_, sigma, out),) = rec.inputs
+    sigma = sigma.reshape(-1, 1, 1)
+    per_entry = (sigma**2 + 0.25) / (sigma * 0.5) ** 2 * (out - x0) ** 2
+    weights = w[None, :, None].expand_as(x0)
+    expected = (per_entry * weights)[:, ~mask].sum() / weights[:, ~mask].sum()
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(loss, plain)
+
+
 def test_loss_sigma_is_lognormal_p_mean_p_std():
     mask = condition_mask(L_, S_, A_)
     B = 4000
@@ -596,6 +617,32 @@ def test_cond_channels_give_the_network_the_clean_conditions_at_every_noise_leve
     assert plain.calls[-1][0].shape == x.shape
 
 
+def test_position_channels_say_how_far_each_row_is_from_the_window_ends():
+    """position_channels: two more channels of F's input, 1/(1+t) and 1/(L-t), the same at every noise level."""
+    S, A, L = 3, 2, 7
+
+    class FirstChannels(ConstNet):  # records its input, returns zeros of the window's width
+        def forward(self, x, noise):
+            return super().forward(x, noise)[..., : S + A]
+
+    net = FirstChannels(0.0)
+    x = torch.randn(2, L, S + A, dtype=torch.float64)
+    t = torch.arange(L, dtype=torch.float64)
+    for cond in (None, (S, A)):
+        D = EDMPrecond(net, sigma_data=SIGMA_DATA, cond_channels=cond, position_channels=True)
+        for sigma in (80.0, 0.002):
+            D(x, sigma)
+            seen, _ = net.calls[-1]
+            assert seen.shape == (2, L, (2 if cond else 1) * (S + A) + 2)
+            torch.testing.assert_close(seen[0, :, -2], 1 / (1 + t))  # 1 at s_0, 1/2 at s_1, ...
+            torch.testing.assert_close(seen[1, :, -1], 1 / (L - t))  # ... and 1 at the last row
+    # The channels reach a real U-Net: the same window gives another output with them.
+    torch.manual_seed(0)
+    with_pos = build_denoiser(S, A, dim=8, dim_mults=(1, 2), cond_channels=True, position_channels=True)
+    assert with_pos.net.downs[0][0].block1[0].in_channels == 2 * (S + A) + 2
+    assert with_pos(x.float(), torch.ones(2)).shape == x.shape
+
+
 def test_relative_states_denoise_around_s0():
     """relative_states: an exact shift by s_0 of the state columns; where F says nothing, D says s_0."""
     S, A, L, sigma = 3, 2, 6, 2.0
@@ -617,7 +664,11 @@ def test_relative_states_denoise_around_s0():
 
 
 @pytest.mark.parametrize(
-    "options", [{}, dict(full_res_skip=True, padding_mode="replicate", cond_channels=True, relative_states=True)]
+    "options",
+    [
+        {},
+        dict(full_res_skip=True, padding_mode="replicate", cond_channels=True, relative_states=True, position_channels=True),
+    ],
 )
 def test_build_denoiser_saves_and_loads_through_load_dm(tmp_path, options):
     """dm.pt records the network options; load_dm rebuilds the same network (old files: the paper's network)."""
@@ -642,7 +693,7 @@ def test_build_denoiser_saves_and_loads_through_load_dm(tmp_path, options):
     loaded, _, _ = load_dm(tmp_path, "f")
     x = torch.randn(2, 16, S + A)
     torch.testing.assert_close(loaded(x, torch.ones(2)), d.eval()(x, torch.ones(2)))
-    assert (loaded.cond_channels is not None) == bool(options) == loaded.net.full_res_skip
+    assert (loaded.cond_channels is not None) == bool(options) == loaded.net.full_res_skip == loaded.position_channels
 
 
 # ---------------------------------------------------------------------------------------------------------

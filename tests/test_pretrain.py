@@ -124,7 +124,14 @@ def test_report_has_losses_and_error_curves(pretrained):
         for kind, err in kinds.items():
             assert len(err) == 15 and all(np.isfinite(err)) and min(err) >= 0, (name, kind)
             at = report["one_step_error"][name][kind]
-            assert [at["first"], at["second"], at["middle"], at["last"]] == [err[0], err[1], err[7], err[14]]
+            assert [at["first"], at["second"], at["last"]] == [err[0], err[1], err[14]]
+            assert at["middle"] == pytest.approx(np.mean(err[3:12]))  # the middle half of the 15 positions
+            median = report["one_step_error_median"][name][kind]
+            assert set(median) == set(at) and all(np.isfinite(list(median.values()))), (name, kind)
+        for stat, key in (("mean", "one_step_error"), ("median", "one_step_error_median")):
+            gen = report[key][name]["generated"]
+            r = report["one_step_first_over_middle"][name][stat]
+            assert r["ratio"] == pytest.approx(gen["first"] / gen["middle"], rel=1e-5) and 0 < r["low"] <= r["high"]
     assert (folder / "report.png").stat().st_size > 1000
     assert "state_error_at_15" in out.stdout and "one-step error of generated transitions" in out.stdout
 
@@ -180,6 +187,18 @@ def test_rerun_keeps_finished_models_and_resumes_the_dm(pretrained):
     assert torch.load(folder / "dm_train.pt", weights_only=False)["step"] == 40
 
 
+def test_another_edge_weight_trains_the_dm_afresh(pretrained, tmp_path):
+    """The same network trained with another loss is another DM: neither dm.pt nor dm_train.pt is kept."""
+    models_dir, _ = pretrained
+    src, folder = models_folder(str(models_dir), "maze2d-umaze"), models_folder(str(tmp_path), "maze2d-umaze")
+    shutil.copytree(src, folder)
+    out = run(*TINY, "--models-dir", str(tmp_path), "--dm-edge-weight", "3", "--report-iterations", "1")
+    assert "dynamics ensemble: already trained, kept" in out.stdout
+    assert "another DM configuration: training the DM from scratch" in out.stdout
+    assert load_model_file(folder, "dm")["args"]["dm_edge_weight"] == 3.0
+    assert torch.load(folder / "dm_train.pt", weights_only=False)["edge_weight"] == 3.0
+
+
 def test_another_dm_shape_is_trained_afresh_and_recorded(pretrained, tmp_path):
     models_dir, _ = pretrained
     src, folder = models_folder(str(models_dir), "maze2d-umaze"), models_folder(str(tmp_path), "maze2d-umaze")
@@ -193,6 +212,9 @@ def test_another_dm_shape_is_trained_afresh_and_recorded(pretrained, tmp_path):
         "replicate",
         "--dm-cond-channels",
         "--dm-relative-states",
+        "--dm-position-channels",
+        "--dm-edge-weight",
+        "4",
         "--report-iterations",
         "1",
     )
@@ -205,7 +227,11 @@ def test_another_dm_shape_is_trained_afresh_and_recorded(pretrained, tmp_path):
         True,
         True,
     )
+    assert info["position_channels"] and info["args"]["dm_edge_weight"] == 4.0
+    denoiser, _, _ = load_dm(folder)
+    assert denoiser.position_channels and denoiser.net.downs[0][0].block1[0].in_channels == 2 * (4 + 2) + 2
     report = json.loads((folder / "report.json").read_text())
+    assert (report["dm"]["position_channels"], report["dm"]["edge_weight"]) == (True, 4.0)
     assert (report["dm"]["full_res_skip"], report["dm"]["padding_mode"], report["dm"]["cond_channels"]) == (
         True,
         "replicate",
@@ -219,6 +245,8 @@ def test_bad_inputs_end_in_one_clear_message(tmp_path):
     assert "Traceback" not in out.stderr
     out = run(*TINY, "--models-dir", str(tmp_path), "--dyn-elites", "9", check=False)
     assert out.returncode != 0 and "--dyn-elites" in out.stderr and "Traceback" not in out.stderr
+    out = run(*TINY, "--models-dir", str(tmp_path), "--dm-edge-weight", "0", check=False)
+    assert out.returncode != 0 and "--dm-edge-weight must be > 0" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_a_diverging_dm_stops_with_one_message_and_keeps_its_last_checkpoint(pretrained, tmp_path):
@@ -250,3 +278,21 @@ def test_a_resumed_dm_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for name, tensor in a["state_dict"].items():
         assert torch.equal(tensor, b["state_dict"][name]), f"{name} differs after resuming"
+
+
+def test_one_step_summary_uses_the_middle_half_and_a_median_that_ignores_rare_events():
+    """A rare huge error at one mid-window position moves the mean of the middle half, not its median."""
+    from pretrain_models import first_over_middle, one_step_summary
+
+    err = np.ones((100, 20))  # 100 windows, 20 transitions
+    err[:, 0], err[:, -1] = 3.0, 5.0
+    err[7, 10] = 1000.0  # one window meets a wall at s_10
+    err[:, 2] = 50.0  # outside the middle half (positions 5..14): no effect on "middle"
+    mean, median = one_step_summary(err, np.mean), one_step_summary(err, np.median)
+    assert mean == pytest.approx(dict(first=3.0, second=1.0, middle=1 + 999 / (100 * 10), last=5.0))
+    assert median == dict(first=3.0, second=1.0, middle=1.0, last=5.0)
+    rng = np.random.default_rng(0)
+    r = first_over_middle(err, "median", rng)
+    assert r == dict(ratio=3.0, low=3.0, high=3.0)  # every resample has the same medians
+    r = first_over_middle(err, "mean", rng)
+    assert r["ratio"] == pytest.approx(3.0 / 1.999) and r["low"] < r["ratio"] <= r["high"] == pytest.approx(3.0)
