@@ -30,16 +30,18 @@ def tiny_unet(C, dim=8, dim_mults=(1, 2), seed=0):
 
 
 class ConstNet(nn.Module):
-    """F that returns a constant and records what it was called with."""
+    """F that returns a constant and records what it was called with; `width`: its output's width when its
+    input is wider (extra condition or position channels), else the input's."""
 
-    def __init__(self, value):
+    def __init__(self, value, width=None):
         super().__init__()
         self.value = value
+        self.width = width
         self.calls = []
 
     def forward(self, x, noise):
         self.calls.append((x.clone(), noise.clone()))
-        return torch.full_like(x, self.value)
+        return torch.full_like(x[..., : self.width], self.value)
 
 
 class HugeRandomNet(nn.Module):
@@ -596,11 +598,7 @@ def test_cond_channels_give_the_network_the_clean_conditions_at_every_noise_leve
     """cond_channels: F sees s_0 on every row and each row's action, unscaled, beside c_in x."""
     S, A, L = 3, 2, 7
 
-    class FirstChannels(ConstNet):  # records its input, returns zeros of the window's width
-        def forward(self, x, noise):
-            return super().forward(x, noise)[..., : S + A]
-
-    net = FirstChannels(0.0)
+    net = ConstNet(0.0, width=S + A)
     D = EDMPrecond(net, sigma_data=SIGMA_DATA, cond_channels=(S, A))
     x = torch.randn(2, L, S + A, dtype=torch.float64)
     for sigma in (80.0, 1.0, 0.002):
@@ -621,11 +619,7 @@ def test_position_channels_say_how_far_each_row_is_from_the_window_ends():
     """position_channels: two more channels of F's input, 1/(1+t) and 1/(L-t), the same at every noise level."""
     S, A, L = 3, 2, 7
 
-    class FirstChannels(ConstNet):  # records its input, returns zeros of the window's width
-        def forward(self, x, noise):
-            return super().forward(x, noise)[..., : S + A]
-
-    net = FirstChannels(0.0)
+    net = ConstNet(0.0, width=S + A)
     x = torch.randn(2, L, S + A, dtype=torch.float64)
     t = torch.arange(L, dtype=torch.float64)
     for cond in (None, (S, A)):
