@@ -29,7 +29,7 @@ from common.config import PretrainConfig, rollout_cost_on_cpu
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import refine_states
 from common.envs import evaluate, numpy_policy, termination_fn
-from common.pointmaze import maze_picture
+from common.pointmaze import maze_picture, synthetic_data_metrics
 from common.runs import Run, parse_args
 
 
@@ -134,6 +134,8 @@ class Args:
     """run the DM in bfloat16 autocast on a GPU (the sampler's own arithmetic stays float32)"""
     compile_dm: bool = False
     """torch.compile the DM for the sampler (compiles during the first rollout; meant for GPUs)"""
+    check_trajectories: int = 64
+    """PointMaze: kept synthetic trajectories per rollout replayed in the real simulator to check them (0: none)"""
 
 
 def defaults_for(args: Args, env_id: str) -> Args:
@@ -425,6 +427,7 @@ if __name__ == "__main__":
             denoiser = torch.compile(denoiser)
         is_terminal = termination_fn(data.task)
         dm_bf16 = args.dm_bf16 and device.type == "cuda"  # bf16 convolutions are slow on most CPUs
+        check_env = data.make_eval_env() if data.task == "pointmaze" else None  # checks the synthetic data
 
     # Networks
     actor = TanhGaussianPolicy(obs_dim, A, max_action).to(device)
@@ -469,6 +472,7 @@ if __name__ == "__main__":
             synthetic=synthetic,
         ),
         gen,
+        data.describe(),
     )
 
     # Training loop
@@ -517,6 +521,14 @@ if __name__ == "__main__":
                 "dydiff/terminal_fraction": dones.amax(1).mean().item(),
             }
             rollout_metrics["dydiff/rollout_time"] = time.time() - t0
+            if check_env is not None:  # what the kept trajectories carry (goal reached?), and the real simulator's say
+                t0 = time.time()
+                rollout_metrics.update(
+                    synthetic_data_metrics(
+                        data, check_env, states, actions, rewards, keep, context, args.check_trajectories, global_step
+                    )
+                )
+                rollout_metrics["dydiff/check_time"] = time.time() - t0
             picture = None
             if data.task == "pointmaze" and (global_step % args.eval_freq == 0 or global_step == run.start_step):
                 picture = run.dir / f"synthetic_trajectories_{global_step:07d}.png"
@@ -538,7 +550,7 @@ if __name__ == "__main__":
         if step % args.eval_freq == 0 or step == args.total_steps:
             actor.eval()
             with torch.no_grad():
-                _, scores_eval = evaluate(
+                returns_eval, scores_eval = evaluate(
                     numpy_policy(policy_deterministic, device),
                     eval_envs,
                     args.seed * 10_000 + step,
@@ -546,6 +558,6 @@ if __name__ == "__main__":
                     data.ref_max_score,
                 )
             actor.train()
-            run.evaluated(scores_eval, step)  # logs, prints and writes the checkpoint
+            run.evaluated(scores_eval, step, data.d4rl_normalized_score(returns_eval))  # logs, prints, checkpoints
 
     run.finish(dict(actor=actor.state_dict(), obs_mean=obs_mean.cpu(), obs_std=obs_std.cpu()), cql_lagrange=args.cql_lagrange)

@@ -47,7 +47,7 @@ from common.config import PretrainConfig, rollout_cost_on_cpu
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import refine_states
 from common.envs import evaluate, numpy_policy, termination_fn
-from common.pointmaze import maze_picture
+from common.pointmaze import maze_picture, synthetic_data_metrics
 from common.runs import Run, parse_args
 
 
@@ -157,6 +157,8 @@ class Args:
     """run the DM in bfloat16 autocast on a GPU (the sampler's own arithmetic stays float32)"""
     compile_dm: bool = False
     """torch.compile the DM for the sampler (compiles during the first rollout; meant for GPUs)"""
+    check_trajectories: int = 64
+    """PointMaze: kept synthetic trajectories per rollout replayed in the real simulator to check them (0: none)"""
 
 
 # (eta, grad_norm) of Diffusion-QL's main.py `hyperparameters` (the -v2 Gym locomotion datasets).
@@ -480,6 +482,7 @@ if __name__ == "__main__":
             denoiser = torch.compile(denoiser)
         is_terminal = termination_fn(data.task)
         dm_bf16 = args.dm_bf16 and device.type == "cuda"  # bf16 convolutions are slow on most CPUs
+        check_env = data.make_eval_env() if data.task == "pointmaze" else None  # checks the synthetic data
 
     # Networks
     actor = DiffusionPolicy(NoiseMLP(obs_dim, A), A, max_action, args.n_timesteps).to(device)
@@ -533,6 +536,7 @@ if __name__ == "__main__":
             synthetic=synthetic,
         ),
         gen,
+        data.describe(),
     )
 
     # Training loop
@@ -581,6 +585,14 @@ if __name__ == "__main__":
                 "dydiff/terminal_fraction": dones.amax(1).mean().item(),
             }
             rollout_metrics["dydiff/rollout_time"] = time.time() - t0
+            if check_env is not None:  # what the kept trajectories carry (goal reached?), and the real simulator's say
+                t0 = time.time()
+                rollout_metrics.update(
+                    synthetic_data_metrics(
+                        data, check_env, states, actions, rewards, keep, context, args.check_trajectories, global_step
+                    )
+                )
+                rollout_metrics["dydiff/check_time"] = time.time() - t0
             picture = None
             if data.task == "pointmaze" and (global_step % args.eval_freq == 0 or global_step == run.start_step):
                 picture = run.dir / f"synthetic_trajectories_{global_step:07d}.png"
@@ -603,11 +615,11 @@ if __name__ == "__main__":
         if step % args.eval_freq == 0 or step == args.total_steps:
             actor.eval()
             with torch.no_grad():
-                _, scores_eval = evaluate(
+                returns_eval, scores_eval = evaluate(
                     numpy_policy(act, device), eval_envs, args.seed * 10_000 + step, data.ref_min_score, data.ref_max_score
                 )
             actor.train()
-            run.evaluated(scores_eval, step)  # logs, prints and writes the checkpoint
+            run.evaluated(scores_eval, step, data.d4rl_normalized_score(returns_eval))  # logs, prints, checkpoints
 
     run.finish(
         dict(

@@ -16,6 +16,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
@@ -24,10 +25,12 @@ import torch.nn as nn
 import tyro
 from tqdm import tqdm
 
+from common.args import non_finite_problems
 from common.checkpoints import (
     MODEL_FILES,
     DamagedFile,
     atomic_save,
+    fits_data,
     load_checkpoint,
     load_dm,
     load_dynamics,
@@ -38,6 +41,7 @@ from common.checkpoints import (
     remove_stale_temporaries,
     rng_state,
     set_rng_state,
+    share_file,
 )
 from common.config import PRESETS, PretrainConfig, apply_preset, cpu_command
 from common.datasets import OFFLINE_ENV_VAR, gather_windows, load_dataset, segment_windows
@@ -136,7 +140,9 @@ def model_meta(args, data, **extra):
         env_id=args.env_id,
         dataset_ids=list(data.dataset_ids),
         fingerprint=data.fingerprint,
+        physical_fingerprint=data.physical_fingerprint,
         task=data.task,
+        form=data.form,
         obs_dim=data.obs_dim,
         state_dim=data.state_dim,
         action_dim=data.action_dim,
@@ -202,8 +208,8 @@ def train_dm(args, data, train_segs, device, folder, log):
     ckpt_path = folder / "dm_train.pt"
     ckpt = load_dm_checkpoint(ckpt_path) if args.resume else None
     if ckpt is not None:
-        saved = (ckpt["fingerprint"], ckpt["config"], ckpt.get("edge_weight", 1.0), "rng" in ckpt)
-        if saved != (data.fingerprint, config, args.dm_edge_weight, True):
+        saved = (ckpt.get("physical_fingerprint"), ckpt["config"], ckpt.get("edge_weight", 1.0), "rng" in ckpt)
+        if saved != (data.physical_fingerprint, config, args.dm_edge_weight, True):
             print(f"{ckpt_path} is for other data or another DM configuration: training the DM from scratch")
         else:
             denoiser.load_state_dict(ckpt["model"])
@@ -269,6 +275,7 @@ def train_dm(args, data, train_segs, device, folder, log):
                     rng=rng_state(gen),
                     step=step + 1,
                     fingerprint=data.fingerprint,
+                    physical_fingerprint=data.physical_fingerprint,
                     config=config,
                     edge_weight=args.dm_edge_weight,
                 ),
@@ -335,6 +342,8 @@ def model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_m
     report = {
         "env_id": args.env_id,
         "fingerprint": data.fingerprint,
+        "physical_fingerprint": data.physical_fingerprint,
+        "form": data.form,
         "horizon": L,
         "heldout_transitions": data.size - n0,
         "dm": {
@@ -532,6 +541,8 @@ if __name__ == "__main__":
             "(an interrupted dataset generation starts over)"
         )
     )
+    if problems := non_finite_problems(args):
+        raise SystemExit("; ".join(problems))
     if args.rollout_length < 2:
         raise SystemExit(f"--rollout-length must be >= 2, got {args.rollout_length}")
     if not 0.0 < args.holdout_fraction < 0.5:
@@ -571,7 +582,9 @@ if __name__ == "__main__":
 
     stop_on_signals(stop_message)
     print(
-        f"pretraining models for {args.env_id} ({', '.join(data.dataset_ids)}, fingerprint {data.fingerprint}) "
+        f"pretraining models for {args.env_id} ({', '.join(data.dataset_ids)}"
+        f"{', ' + data.form + ' task' if data.form else ''}, fingerprint {data.fingerprint}, physical fingerprint "
+        f"{data.physical_fingerprint}) "
         f"into {folder} on {device}"
     )
 
@@ -596,32 +609,56 @@ if __name__ == "__main__":
                 metrics = dict(metrics, **{"report/plot": wandb.Image(str(image))})
             wandb_run.log(metrics, step=step)
 
-    def finished(name):
-        """A model file for this very dataset (and, for the DM, this shape and these many steps) exists and we resume:
-        keep it."""
-        path = folder / MODEL_FILES[name]
-        if args.report_only:
-            return True
-        if not (args.resume and path.exists()):
-            return False
-        try:
-            ckpt = load_model_file(folder, name)
-        except DamagedFile as e:
-            print(f"{e.args[0].split(';')[0]}: training it again")
-            return False
+    def fits(ckpt, name):
+        """Whether a model file is what this command would make: this data (for the DM and the ensemble, this
+        physical data, whatever the task) and, for the DM, this shape and these many steps."""
         if name == "dm":
             saved = dict(dm_config(args), **{k: ckpt[k] for k in dm_config(args) if k in ckpt})  # old files: paper net
             if saved != dm_config(args) or ckpt["steps"] != args.dm_steps:
                 return False
             if ckpt["args"].get("dm_edge_weight", 1.0) != args.dm_edge_weight:  # the same network, trained otherwise
                 return False
-        return ckpt["fingerprint"] == data.fingerprint
+        return fits_data(ckpt, name, data)
+
+    def finished(name):
+        """A fitting model file exists and we resume: keep it. The DM and the ensemble may come from another task's
+        folder of the same physical data (the two maze2d tasks of one dataset): they are linked in, not retrained."""
+        path = folder / MODEL_FILES[name]
+        if args.report_only:
+            return True
+        if not args.resume:
+            return False
+        if path.exists():
+            try:
+                if fits(load_model_file(folder, name), name):
+                    return True
+            except DamagedFile as e:
+                print(f"{e.args[0].split(';')[0]}: training it again")
+        return name != "reward" and shared_model(name)
+
+    def shared_model(name):
+        """Link a fitting DM or ensemble from another folder of --models-dir into this one; whether one was found."""
+        for other in sorted(Path(args.models_dir).glob(f"*/{MODEL_FILES[name]}")):
+            if other.parent.resolve() == folder.resolve():
+                continue
+            try:
+                ckpt = load_model_file(other.parent, name)
+            except DamagedFile:
+                continue
+            if "physical_fingerprint" in ckpt and fits(ckpt, name):
+                share_file(other, folder / MODEL_FILES[name])
+                print(
+                    f"{name}: reusing {other} ({ckpt['env_id']}: the same physical data, physical fingerprint "
+                    f"{data.physical_fingerprint}); only the reward model is made per task"
+                )
+                return True
+        return False
 
     if args.report_only:  # measure the models as they are, whatever command made them
         try:
-            dm_info = load_model_file(folder, "dm", data.fingerprint)
+            dm_info = load_model_file(folder, "dm", data)
             for name in ("dynamics", "reward"):
-                load_model_file(folder, name, data.fingerprint)
+                load_model_file(folder, name, data)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(str(e))
         args.rollout_length, args.dm_dim, args.dm_dim_mults, args.dm_steps = (
@@ -649,7 +686,7 @@ if __name__ == "__main__":
         S, data.action_dim, num_members=args.dyn_members, num_elites=args.dyn_elites, hidden=args.dyn_hidden
     ).to(device)
     if finished("dynamics"):
-        dynamics = load_dynamics(folder, data.fingerprint, device)
+        dynamics = load_dynamics(folder, data, device)
         print("dynamics ensemble: already trained, kept")
     else:
         stats = dynamics.fit(
@@ -672,7 +709,7 @@ if __name__ == "__main__":
     t0 = time.time()
     reward_model = RewardModel(data.obs_dim, data.action_dim).to(device)
     if finished("reward"):
-        reward_model = load_reward(folder, data.fingerprint, device)
+        reward_model = load_reward(folder, data, device)
         print("reward model: already trained, kept")
     else:
         stats = reward_model.fit(
@@ -693,7 +730,7 @@ if __name__ == "__main__":
     # 3. Diffusion model
     t0 = time.time()
     if finished("dm"):
-        denoiser, normalizer, _ = load_dm(folder, data.fingerprint, device)
+        denoiser, normalizer, _ = load_dm(folder, data, device)
         print("diffusion model: already trained, kept")
     else:
         try:

@@ -3,7 +3,7 @@
 
 def shared_arg_problems(args) -> list[str]:
     """One message per invalid run or DyDiff hyper-parameter, each naming the flag and its valid range."""
-    problems = []
+    problems = non_finite_problems(args)
     if not 0.0 <= args.real_ratio <= 1.0:
         problems.append(f"--real-ratio must be in [0, 1], got {args.real_ratio}")
     if not 0.0 < args.filter_proportion <= 1.0:
@@ -34,4 +34,22 @@ def shared_arg_problems(args) -> list[str]:
         problems.append(f"--sampler-steps must be >= 2, got {args.sampler_steps}")
     if args.sampler_churn < 0:
         problems.append(f"--sampler-churn must be >= 0, got {args.sampler_churn}")
+    if args.check_trajectories < 0:
+        problems.append(f"--check-trajectories must be >= 0 (0: no check), got {args.check_trajectories}")
+    return problems
+
+
+def non_finite_problems(args, prefix: str = "--") -> list[str]:
+    """One message per float hyper-parameter that is NaN or infinite (nested configs too: --pretrain.dm-lr)."""
+    import dataclasses
+    import math
+
+    problems = []
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        flag = prefix + f.name.replace("_", "-")
+        if dataclasses.is_dataclass(value):
+            problems += non_finite_problems(value, flag + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{flag} must be a finite number, got {value}")
     return problems

@@ -65,6 +65,24 @@ def remove_stale_temporaries(folder) -> list[Path]:
     return stale
 
 
+def share_file(source, path) -> None:
+    """Put `source` at `path` as a hard link (no copy of a large model; a later atomic rewrite of either file
+    replaces that name alone), or as a copy where links are impossible; atomically, like atomic_save."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
 def load_checkpoint(path) -> dict:
     """torch.load a checkpoint onto the CPU, whatever device the run uses; DamagedFile if it can't be read.
 
@@ -115,8 +133,25 @@ def models_folder(models_dir: str, env_id: str) -> Path:
     return Path(models_dir) / re.sub(r"[^A-Za-z0-9_.-]", "_", env_id)
 
 
-def load_model_file(folder, name: str, fingerprint: str | None = None) -> dict:
-    """Load one pretrained-model file (onto the CPU); refuse a damaged one, or one made for other data."""
+def fits_data(ckpt: dict, name: str, data) -> bool:
+    """Whether a pretrained-model file was made for `data` (an OfflineData).
+
+    The DM and the dynamics ensemble model the physical state alone, so they fit every task made from the same
+    physical data (the two maze2d tasks of one dataset): they are checked by the physical fingerprint. The reward
+    model is per task: checked by the task's fingerprint. Files written before the physical fingerprint existed
+    fit the very data they were made for.
+    """
+    if name != "reward" and "physical_fingerprint" in ckpt:
+        return ckpt["physical_fingerprint"] == data.physical_fingerprint
+    return ckpt["fingerprint"] == data.fingerprint
+
+
+def load_model_file(folder, name: str, fingerprint=None) -> dict:
+    """Load one pretrained-model file (onto the CPU); refuse a damaged one, or one made for other data.
+
+    `fingerprint`: the run's OfflineData (checked with fits_data), a fingerprint string (the file's task
+    fingerprint must equal it), or None (no check).
+    """
     path = Path(folder) / MODEL_FILES[name]
     if not path.exists():
         raise FileNotFoundError(
@@ -132,16 +167,26 @@ def load_model_file(folder, name: str, fingerprint: str | None = None) -> dict:
         raise DamagedFile(f"{e}; {remake}") from None
     if "fingerprint" not in ckpt or "dataset_ids" not in ckpt:
         raise DamagedFile(f"{path} is not a pretrained-model file of this project; {remake}")
-    if fingerprint is not None and ckpt["fingerprint"] != fingerprint:
-        raise ValueError(
-            f"{path} was trained on dataset {', '.join(ckpt['dataset_ids'])} (fingerprint {ckpt['fingerprint']}), "
-            f"not on the data of this run (fingerprint {fingerprint}); pretrain models for this dataset with "
-            f"`python pretrain_models.py --env-id <env-id>` or point --models-dir elsewhere"
+    if fingerprint is None:
+        return ckpt
+    data = None if isinstance(fingerprint, str) else fingerprint
+    if data is None and ckpt["fingerprint"] == fingerprint or data is not None and fits_data(ckpt, name, data):
+        return ckpt
+    ours = fingerprint if data is None else data.fingerprint
+    hint = ""
+    if data is not None and data.form == "fixed-goal" and ckpt.get("obs_dim", data.obs_dim) != data.obs_dim:
+        hint = (
+            f" (it was made for the goal-conditioned task; {data.env_id} is D4RL's fixed-goal task, and "
+            f"the goal-conditioned one is --env-id {data.dataset_ids[0]})"
         )
-    return ckpt
+    raise ValueError(
+        f"{path} was trained on dataset {', '.join(ckpt['dataset_ids'])} (fingerprint {ckpt['fingerprint']}), "
+        f"not on the data of this run (fingerprint {ours}){hint}; pretrain models for this dataset with "
+        f"`python pretrain_models.py --env-id <env-id>` or point --models-dir elsewhere"
+    )
 
 
-def load_dm(folder, fingerprint: str | None = None, device="cpu"):
+def load_dm(folder, fingerprint=None, device="cpu"):
     """The pretrained DM (EMA weights, eval mode) and its min/max normalizer, from {folder}/dm.pt."""
     from common.edm import MinMaxNormalizer, build_denoiser
 
@@ -167,7 +212,7 @@ def load_dm(folder, fingerprint: str | None = None, device="cpu"):
     return denoiser.to(device).eval(), normalizer.to(device), ckpt
 
 
-def load_dynamics(folder, fingerprint: str | None = None, device="cpu"):
+def load_dynamics(folder, fingerprint=None, device="cpu"):
     """The pretrained dynamics ensemble, from {folder}/dynamics.pt."""
     from common.dynamics import EnsembleDynamics
 
@@ -177,7 +222,7 @@ def load_dynamics(folder, fingerprint: str | None = None, device="cpu"):
     return model.to(device).eval()
 
 
-def load_reward(folder, fingerprint: str | None = None, device="cpu"):
+def load_reward(folder, fingerprint=None, device="cpu"):
     """The pretrained reward model, from {folder}/reward.pt."""
     from common.dynamics import RewardModel
 
@@ -237,9 +282,9 @@ def load_or_pretrain_models(args, data, device):
         if subprocess.run(cmd, start_new_session=True, preexec_fn=_die_with_parent).returncode != 0:
             raise SystemExit("pretraining failed; see its message above")
     try:
-        denoiser, dm_normalizer, dm_info = load_dm(folder, data.fingerprint, device)
-        dynamics = load_dynamics(folder, data.fingerprint, device)
-        reward_model = load_reward(folder, data.fingerprint, device)
+        denoiser, dm_normalizer, dm_info = load_dm(folder, data, device)
+        dynamics = load_dynamics(folder, data, device)
+        reward_model = load_reward(folder, data, device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e))
     if dm_info["horizon"] != args.rollout_length:

@@ -12,14 +12,14 @@ import hashlib
 import os
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
 from common import pointmaze
-from common.envs import register_envs, task_of, vector_env
+from common.envs import PhysicalObservation, normalized_score, register_envs, task_of, vector_env
 
 OFFLINE_ENV_VAR = "DYDIFF_OFFLINE"
 MUJOCO_TASKS = ("hopper", "halfcheetah", "walker2d")
@@ -41,6 +41,7 @@ class DatasetSpec:
     minari_ids: tuple[str, ...]
     maze: str | None = None  # PointMaze layout, when the data can be generated locally
     dense: bool = False
+    fixed_goal: bool = False  # D4RL's maze2d task (maze2d-* names), made from the goal-conditioned Minari data
 
     def local_id(self, dataset_steps: int = pointmaze.DEFAULT_STEPS, seed: int = pointmaze.DEFAULT_SEED) -> str | None:
         """Minari id of the locally generated PointMaze dataset (never the official id)."""
@@ -61,15 +62,15 @@ def resolve_env_id(env_id: str) -> DatasetSpec:
         if len(parts) >= 3 and parts[-2] == "pointmaze":
             name = parts[-1].rsplit("-v", 1)[0]
             maze, dense = name.removesuffix("-dense"), name.endswith("-dense")
-            if maze in pointmaze.MAZES and parts[0] != "local":
-                return DatasetSpec(env_id, (env_id,), maze, dense)
+            if maze in pointmaze.MAZES:  # the goal-conditioned task; only the official ids can be generated here
+                return DatasetSpec(env_id, (env_id,), maze if parts[0] != "local" else None, dense)
         return DatasetSpec(env_id, (env_id,))
     known = ", ".join(known_env_ids())
     if env_id.startswith("maze2d-"):
         name = env_id.removeprefix("maze2d-")
         maze, dense = name.removesuffix("-dense"), name.endswith("-dense")
         if maze in pointmaze.MAZES:
-            return DatasetSpec(env_id, (f"D4RL/pointmaze/{maze}{'-dense' if dense else ''}-v2",), maze, dense)
+            return DatasetSpec(env_id, (f"D4RL/pointmaze/{maze}{'-dense' if dense else ''}-v2",), maze, dense, True)
     task, _, level = env_id.partition("-")
     if task in MUJOCO_TASKS:
         if level == "medium-replay":
@@ -174,6 +175,11 @@ class OfflineData:
     ref_min_score: float
     ref_max_score: float
     minari_dataset: object = field(repr=False, default=None)  # first component, for its evaluation env
+    form: str = ""  # PointMaze: "fixed-goal" (D4RL's maze2d task) or "goal-conditioned" (Minari's); else ""
+    goal: np.ndarray | None = None  # the fixed goal (x, y) of the fixed-goal task
+    dense_reward: bool = False  # PointMaze: the dense reward exp(-distance) instead of the sparse one
+    d4rl_ref_min_score: float | None = None  # D4RL maze2d-v1's reference scores, for scores next to the paper's
+    d4rl_ref_max_score: float | None = None
 
     @property
     def size(self) -> int:
@@ -189,11 +195,38 @@ class OfflineData:
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of the data: pretrained models record it and refuse other data."""
+        """A short hash of the task's data (observations, rewards, terminals too): the reward model records it.
+
+        The two maze2d tasks of one dataset have different fingerprints and the same physical_fingerprint.
+        """
         h = hashlib.sha256(",".join(self.dataset_ids).encode())
         for a in (self.observations, self.actions, self.rewards, self.terminals, self.segment_starts):
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()[:16]
+
+    @property
+    def physical_fingerprint(self) -> str:
+        """A short hash of the physical data alone (states, actions, segments): the DM and the ensemble record it."""
+        h = hashlib.sha256(("physical:" + ",".join(self.dataset_ids)).encode())
+        for a in (self.observations[:, : self.state_dim], self.actions, self.segment_starts, self.segment_ends):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    def d4rl_normalized_score(self, returns):
+        """Returns on D4RL maze2d-v1's scale (d4rl/infos.py), to sit next to published maze2d scores; None elsewhere."""
+        if self.d4rl_ref_min_score is None:
+            return None
+        return normalized_score(returns, self.d4rl_ref_min_score, self.d4rl_ref_max_score)
+
+    def describe(self) -> dict:
+        """What a run trains on, for its run folder and result: the task's form, dataset ids, sizes, fingerprints."""
+        return dict(
+            form=self.form,
+            dataset_ids=list(self.dataset_ids),
+            obs_dim=self.obs_dim,
+            fingerprint=self.fingerprint,
+            physical_fingerprint=self.physical_fingerprint,
+        )
 
     def tensors(self, device) -> dict:
         """The whole dataset as tensors on `device`: obs, actions, rewards, next_obs, dones (terminals, float)."""
@@ -215,9 +248,10 @@ class OfflineData:
         )
 
     def make_eval_env(self):
-        """The dataset's real evaluation environment."""
+        """The dataset's real evaluation environment (the fixed-goal task: observing the physical state alone)."""
         register_envs()
-        return self.minari_dataset.recover_environment(eval_env=True)
+        env = self.minari_dataset.recover_environment(eval_env=True)
+        return PhysicalObservation(env) if self.form == "fixed-goal" else env
 
     def make_eval_envs(self, n: int):
         """`n` copies of the evaluation environment as one vector env, for common.envs.evaluate."""
@@ -424,6 +458,41 @@ def _load_flat(dataset_ids: list[str], env_id: str) -> OfflineData:
     return data
 
 
+def fixed_goal_task(data: OfflineData, maze: str, dense: bool) -> OfflineData:
+    """D4RL's maze2d task made from goal-conditioned PointMaze data: the one place where the relabel happens.
+
+    D4RL's maze2d-*-v1 data were collected by a controller driving to random goals, stored with 4-dim
+    observations (x, y, vx, vy), and every reward was then relabelled against the evaluation env's one fixed
+    goal: the agent must stitch behaviour aimed elsewhere into one path to one goal. Here:
+    - observation = the physical state (x, y, vx, vy); the goal leaves the observation;
+    - reward of a transition = what the evaluation env pays on arriving at its next state, against the centre of
+      the evaluation goal cell (sparse: 1 within 0.45; dense: exp(-distance));
+    - no terminals (the evaluation env never terminates); a timeout marks the end of each physical segment
+      (where the recorded trajectory is cut), not Minari's goal-reached truncations, which mean nothing here.
+    Where this differs from D4RL: D4RL's relabel script (scripts/generation/relabel_maze2d_rewards.py) scored
+    the transition's current state, with radius 0.5, against its env's goal; its data came from its own
+    controller on its own MuJoCo port, 1M / 2M / 4M steps for umaze / medium / large (Minari's: 1M each).
+    """
+    S = data.state_dim
+    goal = pointmaze.goal_xy(maze)
+    timeouts = np.zeros(data.size, dtype=bool)
+    timeouts[data.segment_ends - 1] = True
+    d4rl_min, d4rl_max = pointmaze.D4RL_REF_SCORES[(maze, dense)]
+    return replace(
+        data,
+        observations=np.ascontiguousarray(data.observations[:, :S]),
+        next_observations=np.ascontiguousarray(data.next_observations[:, :S]),
+        rewards=pointmaze.goal_reward(data.next_observations[:, :2], goal, dense),
+        terminals=np.zeros(data.size, dtype=bool),
+        timeouts=timeouts,
+        form="fixed-goal",
+        goal=goal,
+        dense_reward=dense,
+        d4rl_ref_min_score=d4rl_min,
+        d4rl_ref_max_score=d4rl_max,
+    )
+
+
 def load_dataset(
     env_id: str,
     offline: bool | None = None,
@@ -444,7 +513,25 @@ def load_dataset(
         raise ValueError(f"dataset_steps must be >= 1, got {dataset_steps}")
     register_envs()
     ids = _fetch(spec, offline, generate, dataset_steps, seed, progress)
-    return _load_flat(ids, env_id)
+    data = _load_flat(ids, env_id)
+    if spec.fixed_goal:
+        return fixed_goal_task(data, spec.maze, spec.dense)
+    if data.task == "pointmaze" and data.obs_dim > data.state_dim:
+        data.form = "goal-conditioned"
+        maze, dense = _pointmaze_layout(ids[0])
+        data.dense_reward = dense
+        if maze is not None:
+            data.d4rl_ref_min_score, data.d4rl_ref_max_score = pointmaze.D4RL_REF_SCORES[(maze, dense)]
+    return data
+
+
+def _pointmaze_layout(dataset_id: str) -> tuple[str | None, bool]:
+    """(maze, dense) of a PointMaze dataset id: D4RL/pointmaze/large-dense-v2, local/pointmaze/umaze-10000steps-seed0-v3."""
+    name = dataset_id.split("/")[-1].rsplit("-v", 1)[0]
+    for maze in pointmaze.MAZES:
+        if name == maze or name.startswith(maze + "-"):
+            return maze, "-dense" in name
+    return None, False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -467,7 +554,8 @@ def main(argv: list[str] | None = None) -> None:
         data = load_dataset(env_id, offline=args.offline or None, dataset_steps=args.dataset_steps, seed=args.seed)
         episodes = len(data.episode_starts)
         print(
-            f"{env_id}: {', '.join(data.dataset_ids)} | {data.size:,} steps, {episodes:,} episodes, "
+            f"{env_id}: {', '.join(data.dataset_ids)}{' (' + data.form + ' task)' if data.form else ''} | "
+            f"{data.size:,} steps, {episodes:,} episodes, "
             f"{len(data.segment_starts):,} physical segments | obs {data.obs_dim} (state {data.state_dim}), "
             f"action {data.action_dim} | ref_min {data.ref_min_score:.2f}, ref_max {data.ref_max_score:.2f} | "
             f"fingerprint {data.fingerprint} | {time.time() - t0:.1f} s"

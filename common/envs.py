@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import os
 from typing import Callable
 
 import gymnasium as gym
@@ -13,14 +15,39 @@ _registered = False
 
 
 def register_envs() -> None:
-    """Register the Gymnasium-Robotics environments (PointMaze) once, quietly."""
+    """Register the Gymnasium-Robotics environments (PointMaze) once, quietly; maze envs leave no file behind."""
     global _registered
     if not _registered:
         # gymnasium_robotics prints an unrelated Adroit notice on import.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             import gymnasium_robotics
         gym.register_envs(gymnasium_robotics)
+        _remove_maze_xml_after_init()
         _registered = True
+
+
+def _remove_maze_xml_after_init() -> None:
+    """gymnasium-robotics writes every maze env's MuJoCo model to an XML file in the temporary folder
+    (maze_v4.py, Maze.make_maze) and never removes it: each PointMaze env made would leave one behind. MuJoCo
+    has read it by the end of the env's constructor, so the file is removed there."""
+    from gymnasium_robotics.envs.maze import point_maze
+
+    init = point_maze.PointMazeEnv.__init__
+    if getattr(init, "removes_maze_xml", False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            path = getattr(self, "tmp_xml_file_path", None)
+            if path:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+    __init__.removes_maze_xml = True
+    point_maze.PointMazeEnv.__init__ = __init__
 
 
 def flatten_obs(obs) -> np.ndarray:
@@ -28,6 +55,20 @@ def flatten_obs(obs) -> np.ndarray:
     if isinstance(obs, dict):
         return np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1)
     return np.asarray(obs)
+
+
+class PhysicalObservation(gym.ObservationWrapper):
+    """A goal-conditioned PointMaze env that shows the agent its physical state (x, y, vx, vy) alone.
+
+    The fixed-goal (D4RL maze2d) task: rewards, goal, starts and episode length are the wrapped env's own.
+    """
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.observation_space = env.observation_space["observation"]
+
+    def observation(self, observation):
+        return observation["observation"]
 
 
 def task_of(env_name: str) -> str:

@@ -46,6 +46,17 @@ REF_EPISODES = 100  # minari.create_dataset: num_episodes_average_score=100
 # data are saved, which truncates the open episode, and the env is reset with the seed plus one.
 CHECKPOINT_EVERY = 200_000
 RECIPE = "v3"  # version suffix of our local ids; bumped whenever the generated data change
+GOAL_RADIUS = 0.45  # gymnasium-robotics maze_v4.py: success and the sparse reward within 0.45 of the goal
+# D4RL's maze2d-*-v1 reference scores (d4rl/infos.py, and the same values in d4rl/pointmaze/__init__.py's
+# registrations), for scores next to the paper's: (maze, dense) -> (ref_min, ref_max).
+D4RL_REF_SCORES = {
+    ("umaze", False): (23.85, 161.86),
+    ("medium", False): (13.13, 277.39),
+    ("large", False): (6.7, 273.99),
+    ("umaze", True): (68.537689, 193.66285642381482),
+    ("medium", True): (44.264742, 297.4552547777125),
+    ("large", True): (30.569041, 303.4857382709002),
+}
 
 
 def gym_env_id(maze: str, dense: bool = False) -> str:
@@ -61,6 +72,33 @@ def eval_maze_map(maze: str) -> list[list]:
     row, col = EVAL_GOAL_CELLS[maze]
     maze_map[row][col] = "g"
     return maze_map
+
+
+def goal_xy(maze: str) -> np.ndarray:
+    """Centre (x, y) of the evaluation goal cell of `maze`: the fixed goal of D4RL's maze2d task.
+
+    gymnasium-robotics' Maze.cell_rowcol_to_xy with maze_size_scaling 1: the map is centred on the origin,
+    x grows with the column and y falls with the row.
+    """
+    register_envs()
+    rows = gym.spec(gym_env_id(maze)).kwargs["maze_map"]
+    row, col = EVAL_GOAL_CELLS[maze]
+    return np.array([col + 0.5 - len(rows[0]) / 2, len(rows) / 2 - (row + 0.5)])
+
+
+def goal_reward(xy, goal, dense: bool):
+    """What a PointMaze env pays for arriving at position `xy` ([..., 2]) with goal `goal` ([2] or [..., 2]).
+
+    gymnasium-robotics maze_v4.py, compute_reward: sparse 1 within GOAL_RADIUS of the goal, else 0;
+    dense exp(-distance). NumPy or torch.
+    """
+    if isinstance(xy, np.ndarray):
+        distance = np.linalg.norm(xy - goal, axis=-1)
+        return (np.exp(-distance) if dense else (distance <= GOAL_RADIUS)).astype(np.float32)
+    import torch
+
+    distance = torch.linalg.vector_norm(xy - torch.as_tensor(goal, dtype=xy.dtype, device=xy.device), dim=-1)
+    return torch.exp(-distance) if dense else (distance <= GOAL_RADIUS).to(xy.dtype)
 
 
 def make_eval_env(maze: str, dense: bool = False) -> gym.Env:
@@ -438,3 +476,52 @@ def maze_picture(data, states, keep, path):
         plt.close(fig)
         env.close()
     return float(crossing.mean())
+
+
+def synthetic_data_metrics(data, env, states, actions, rewards, keep, context, replay: int, seed: int = 0) -> dict:
+    """What one rollout's kept synthetic trajectories carry, and whether it is true (PointMaze).
+
+    states [B, L, S], actions [B, L, A], rewards [B, L-1] (the reward model's), keep [K] (indices of the kept
+    trajectories), context [B, C] (the goal, in the goal-conditioned task): tensors. `env`: the evaluation env.
+    A trajectory "reaches the goal" when it comes within the goal radius of its goal (the fixed goal, or its
+    own goal in the goal-conditioned task). Returns, over the kept trajectories:
+    - goal_share_reward_model: the reward model pays a goal reward somewhere along it;
+    - goal_share_generated: its own generated states reach the goal;
+    - goal_share_real: the real simulator, replaying its actions from s_0, reaches the goal (`replay` of the
+      kept trajectories drawn at random, all of them if fewer), and for those same trajectories
+      return_kept_predicted (the reward model's return) and return_kept_real (the real states' return);
+    - wall_crossing_share (all B trajectories) and wall_crossing_share_kept.
+    """
+    from common.envs import replay_actions
+
+    keep = keep.cpu().numpy()
+    states, actions, rewards = (t.float().cpu().numpy() for t in (states, actions, rewards))
+    goals = np.broadcast_to(data.goal, (len(states), 2)) if data.goal is not None else context[:, :2].float().cpu().numpy()
+    dense = data.dense_reward
+    threshold = float(np.exp(-GOAL_RADIUS)) if dense else 0.5  # a reward at least that of the goal radius
+    maze = env.unwrapped.maze
+    crossing = crosses_wall(maze, states[..., :2])
+    reached_generated = (np.linalg.norm(states[:, 1:, :2] - goals[:, None], axis=-1) <= GOAL_RADIUS).any(1)
+    out = {
+        "dydiff/goal_share_reward_model": float((rewards[keep] >= threshold).any(1).mean()),
+        "dydiff/goal_share_generated": float(reached_generated[keep].mean()),
+        "dydiff/wall_crossing_share": float(crossing.mean()),
+        "dydiff/wall_crossing_share_kept": float(crossing[keep].mean()),
+    }
+    if replay > 0 and len(keep):
+        chosen = np.random.default_rng(seed).permutation(keep)[:replay]
+        real_reached, real_returns = [], []
+        for i in chosen:
+            real = replay_actions(env, "pointmaze", states[i, 0], actions[i])
+            real_rewards = goal_reward(real[1:, :2], goals[i], dense)
+            real_reached.append(bool((np.linalg.norm(real[1:, :2] - goals[i], axis=-1) <= GOAL_RADIUS).any()))
+            real_returns.append(float(real_rewards.sum()))
+        out.update(
+            {
+                "dydiff/goal_share_real": float(np.mean(real_reached)),
+                "dydiff/goal_share_generated_checked": float(reached_generated[chosen].mean()),
+                "dydiff/return_kept_predicted": float(rewards[chosen].sum(1).mean()),
+                "dydiff/return_kept_real": float(np.mean(real_returns)),
+            }
+        )
+    return out

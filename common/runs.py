@@ -2,6 +2,8 @@
 
     runs/{env_id}__{exp_name}__{seed}__{time}/
         args.json                 the run's arguments (--resume reads them back)
+        task.json                 what it trains on: the task's form (maze2d: fixed-goal or goal-conditioned), dataset
+                                  ids, observation size, fingerprint
         metrics.jsonl             one JSON record per logged step
         checkpoint.pt             the training state at the last evaluation (written atomically)
         checkpoint.prev.pt        the one before: --resume falls back on it if checkpoint.pt is damaged
@@ -115,9 +117,11 @@ class Run:
     schedulers): on `--resume` each gets its saved state back, with every random state (`generator` too).
     """
 
-    def __init__(self, args, state: dict, generator):
+    def __init__(self, args, state: dict, generator, task: dict | None = None):
         self.args, self.state, self.generator = args, state, generator
+        self.task = task or {}  # what the run trains on (form, dataset ids, fingerprint), kept in result.json
         self.start_step, self.evaluations, self.time_before = 0, [], 0.0
+        self.d4rl_evaluations = []  # the same evaluations on D4RL maze2d-v1's scale, where the task has one
         self.checkpoint_step = None  # the step of the newest checkpoint on disk
         if args.resume:
             self.dir = Path(args.resume)
@@ -135,6 +139,7 @@ class Run:
                                  f"start a new run") from None
             set_rng_state(ckpt["rng"], generator)
             self.start_step, self.evaluations = ckpt["step"], ckpt["evaluations"]
+            self.d4rl_evaluations = ckpt.get("d4rl_evaluations", [])
             self.checkpoint_step = ckpt["step"]
             self.time_before = ckpt.get("wall_time_s", 0.0)  # training time of the earlier sittings
             self._truncate_metrics(ckpt.get("metrics_bytes"))
@@ -146,6 +151,10 @@ class Run:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 self._write_args()
+                if self.task:
+                    tmp = self.dir / ".task.json.tmp"
+                    tmp.write_text(json.dumps(self.task, indent=1))
+                    os.replace(tmp, self.dir / "task.json")
             except OSError as e:
                 raise SystemExit(f"cannot write the run folder {self.dir}: {e.strerror or e}; choose a writable "
                                  f"--runs-dir") from None
@@ -238,14 +247,22 @@ class Run:
                 metrics = dict(metrics, **{"dydiff/trajectories": wandb.Image(str(picture))})
             self.wandb.log(metrics, step=step)
 
-    def evaluated(self, scores, step):
-        """Record an evaluation's normalized scores (one per episode), print it, and write the checkpoint."""
+    def evaluated(self, scores, step, d4rl_scores=None):
+        """Record an evaluation's normalized scores (one per episode; `d4rl_scores`: the same on D4RL maze2d-v1's
+        scale, or None), print it, and write the checkpoint."""
         self.evaluations.append(float(scores.mean()))
-        self.log({"eval/normalized_score": float(scores.mean()), "eval/normalized_score_std": float(scores.std())}, step)
-        print(f"step {step:,}: normalized score {scores.mean():.1f} ± {scores.std():.1f}")
+        metrics = {"eval/normalized_score": float(scores.mean()), "eval/normalized_score_std": float(scores.std())}
+        line = f"step {step:,}: normalized score {scores.mean():.1f} ± {scores.std():.1f}"
+        if d4rl_scores is not None:
+            self.d4rl_evaluations.append(float(d4rl_scores.mean()))
+            metrics["eval/d4rl_normalized_score"] = float(d4rl_scores.mean())
+            line += f" (D4RL maze2d-v1 scale: {d4rl_scores.mean():.1f})"
+        self.log(metrics, step)
+        print(line)
         atomic_save(
             dict(**{key: _state_dict(m) for key, m in self.state.items()}, rng=rng_state(self.generator), step=step,
-                 evaluations=self.evaluations, wall_time_s=self.wall_time(), metrics_bytes=self.metrics_file.tell()),
+                 evaluations=self.evaluations, d4rl_evaluations=self.d4rl_evaluations, wall_time_s=self.wall_time(),
+                 metrics_bytes=self.metrics_file.tell()),
             self.dir / "checkpoint.pt",
             keep_previous=True,
         )
@@ -256,12 +273,19 @@ class Run:
         args = self.args
         final = float(np.mean(self.evaluations[-5:])) if self.evaluations else float("nan")
         result = dict(env_id=args.env_id, seed=args.seed, dydiff=args.dydiff, num_iterations=args.num_iterations,
-                      **result, final_normalized_score=final, evaluations=self.evaluations,
+                      **self.task, **result, final_normalized_score=final, evaluations=self.evaluations,
                       wall_time_s=self.wall_time(), total_steps=args.total_steps)
+        if self.d4rl_evaluations:
+            result.update(final_d4rl_normalized_score=float(np.mean(self.d4rl_evaluations[-5:])),
+                          d4rl_evaluations=self.d4rl_evaluations)
         (self.dir / "result.json").write_text(json.dumps(result, indent=1))
         atomic_save(dict(**final_policy, args=asdict(args)), self.dir / "final_policy.pt")
-        print(f"final normalized score (mean of the last 5 evaluations): {final:.1f}; run folder {self.dir}")
+        d4rl = result.get("final_d4rl_normalized_score")
+        print(f"final normalized score (mean of the last 5 evaluations): {final:.1f}"
+              + ("" if d4rl is None else f" (D4RL maze2d-v1 scale: {d4rl:.1f})") + f"; run folder {self.dir}")
         if self.wandb is not None:
             self.wandb.summary["final_normalized_score"] = final
+            if d4rl is not None:
+                self.wandb.summary["final_d4rl_normalized_score"] = d4rl
             self.wandb.finish()
         self.metrics_file.close()
