@@ -21,13 +21,22 @@ import json
 import math
 from pathlib import Path
 
-SUMMARY_VERSION = 1
-SYNTHETIC_METRICS = {  # logged at each rollout: the column of the synthetic-data table
+SUMMARY_VERSION = 2  # 2: the task (maze2d: fixed-goal or goal-conditioned) and the D4RL maze2d-v1 scores
+SYNTHETIC_METRICS = {  # logged at each rollout (the critic's Q at each logging step): the columns of the synthetic-data table
     "dydiff/wall_crossing_share": "share of trajectories through a wall",
+    "dydiff/wall_crossing_share_kept": "through a wall, kept",
     "dydiff/return_all": "predicted return, all",
     "dydiff/return_kept": "predicted return, kept",
+    "dydiff/goal_share_reward_model": "kept reaching the goal: reward model",
+    "dydiff/goal_share_generated": "kept reaching the goal: own states",
+    "dydiff/goal_share_real": "kept reaching the goal: real simulator",
+    "dydiff/return_kept_predicted": "checked kept: predicted return",
+    "dydiff/return_kept_real": "checked kept: real return",
+    "losses/q_real": "critic Q, real",
+    "losses/q_synthetic": "critic Q, synthetic",
     "dydiff/rollout_time": "rollout time (s)",
 }
+TASK_NAMES = {"fixed-goal": "fixed goal (D4RL)", "goal-conditioned": "goal-conditioned (Minari)", "": "—"}
 ALGO_NAMES = {"dydiff_td3bc": "TD3+BC", "dydiff_cql": "CQL", "dydiff_diffql": "Diffusion-QL"}
 
 
@@ -56,7 +65,7 @@ def summarize_run(run_dir: Path) -> dict:
     """The summary of one run folder: arm, seed, evaluations (step, score), final score, wall time."""
     run_dir = Path(run_dir)
     args = _read_json(run_dir / "args.json", "is this a run folder of a training script?")
-    evals = {}  # step -> score; a resumed run may have logged a redone step twice: the last one counts
+    evals, d4rl = {}, {}  # step -> score; a resumed run may have logged a redone step twice: the last one counts
     rollouts = {}  # step -> that rollout's synthetic-data metrics (the same rule)
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
@@ -67,10 +76,15 @@ def summarize_run(run_dir: Path) -> dict:
                 continue
             if "eval/normalized_score" in row:
                 evals[int(row["step"])] = float(row["eval/normalized_score"])
+            if "eval/d4rl_normalized_score" in row:
+                d4rl[int(row["step"])] = float(row["eval/d4rl_normalized_score"])
             found = {k: float(row[k]) for k in SYNTHETIC_METRICS if isinstance(row.get(k), (int, float))}
             if found:
                 rollouts.setdefault(int(row["step"]), {}).update(found)
     result = _read_json(run_dir / "result.json", "") if (run_dir / "result.json").exists() else None
+    task = result if result is not None else {}
+    if not task and (run_dir / "task.json").exists():
+        task = _read_json(run_dir / "task.json", "")
     steps = sorted(evals)
     if result is not None and len(result.get("evaluations", [])) == len(steps):
         scores = [float(s) for s in result["evaluations"]]  # the run's own record is authoritative
@@ -81,13 +95,17 @@ def summarize_run(run_dir: Path) -> dict:
         run=run_dir.name,
         arm=arm_name(args),
         env_id=args.get("env_id"),
+        task=task.get("form", ""),
+        dataset_ids=task.get("dataset_ids"),
         seed=args.get("seed"),
         total_steps=args.get("total_steps"),
         finished=result is not None,
         final_normalized_score=None if result is None else result["final_normalized_score"],
         wall_time_s=None if result is None else result.get("wall_time_s"),
+        final_d4rl_normalized_score=None if result is None else result.get("final_d4rl_normalized_score"),
         eval_steps=steps,
         eval_scores=scores,
+        eval_d4rl_scores=[d4rl[s] for s in steps] if all(s in d4rl for s in steps) and d4rl else None,
         synthetic={  # the mean over the run's rollouts of each synthetic-data metric it logged
             k: sum(v) / len(v) for k in SYNTHETIC_METRICS if (v := [r[k] for r in rollouts.values() if k in r])
         },
@@ -119,7 +137,10 @@ def load(paths) -> list[dict]:
         else:
             s = _read_json(p, "give run folders or summary files written by --summaries")
             if s.get("version") != SUMMARY_VERSION or "arm" not in s:
-                raise SystemExit(f"{p} is not a summary written by `python -m common.results --summaries`")
+                raise SystemExit(
+                    f"{p} is not a summary written by this version of `python -m common.results --summaries`; "
+                    f"write it again from its run folder"
+                )
             out.append(s)
     if not out:
         raise SystemExit("no runs given: pass run folders (runs/...) or summary files")
@@ -127,10 +148,10 @@ def load(paths) -> list[dict]:
 
 
 def group(summaries: list[dict]) -> dict[tuple, list[dict]]:
-    """(env_id, arm) -> that arm's runs, sorted by seed."""
+    """(env_id, task, arm) -> that arm's runs, sorted by seed: runs on the two maze2d tasks never share a row."""
     groups: dict[tuple, list[dict]] = {}
     for s in summaries:
-        groups.setdefault((s["env_id"], s["arm"]), []).append(s)
+        groups.setdefault((s["env_id"], s["task"], s["arm"]), []).append(s)
     for runs in groups.values():
         runs.sort(key=lambda s: s["seed"] if s["seed"] is not None else -1)
     return groups
@@ -160,12 +181,15 @@ def table(summaries: list[dict]) -> str:
     the mean of all its evaluations (how fast it learned, as well), and the second-half score, the mean of its last half
     of the evaluations (less noisy than the final score, it says more of how a run held)."""
     lines = [
-        "| env | arm | seeds | final normalized score (mean ± std) | per seed | mean of all evaluations (mean ± std) "
-        "| second-half score (mean ± std) | steps | wall time per run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| env | task | arm | seeds | final normalized score (mean ± std) | per seed | final, D4RL maze2d-v1 scale "
+        "| mean of all evaluations (mean ± std) | second-half score (mean ± std) | steps | wall time per run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (env_id, arm), runs in group(summaries).items():
+    for (env_id, task, arm), runs in group(summaries).items():
         done = [r for r in runs if r["finished"]]
+        d4rl = "—"
+        if done and all(r.get("final_d4rl_normalized_score") is not None for r in done):
+            d4rl = "{:.1f} ± {:.1f}".format(*mean_std([r["final_d4rl_normalized_score"] for r in done]))
         if done:
             m, s = mean_std([r["final_normalized_score"] for r in done])
             score = f"{m:.1f} ± {s:.1f}"
@@ -187,25 +211,29 @@ def table(summaries: list[dict]) -> str:
             )
             per_seed += f"; unfinished: {last}"
         steps = ", ".join(sorted({f"{r['total_steps']:,}" for r in runs}))
-        lines.append(f"| {env_id} | {arm} | {len(done)} | {score} | {per_seed} | {overall} | {held} | {steps} | {wall} |")
+        lines.append(
+            f"| {env_id} | {TASK_NAMES.get(task, task)} | {arm} | {len(done)} | {score} | {per_seed} | {d4rl} | {overall} "
+            f"| {held} | {steps} | {wall} |"
+        )
     return "\n".join(lines)
 
 
 def synthetic_table(summaries: list[dict]) -> str:
     """Markdown: per augmented arm, each synthetic-data metric's run mean, mean ± std over the finished seeds."""
+    groups = {key: [r for r in runs if r["finished"] and r.get("synthetic")] for key, runs in group(summaries).items()}
+    shown = [k for k in SYNTHETIC_METRICS if any(k in r["synthetic"] for runs in groups.values() for r in runs)]
     lines = [
-        "| env | arm | seeds | " + " | ".join(SYNTHETIC_METRICS.values()) + " |",
-        "|---|---|---|" + "---|" * len(SYNTHETIC_METRICS),
+        "| env | task | arm | seeds | " + " | ".join(SYNTHETIC_METRICS[k] for k in shown) + " |",
+        "|---|---|---|---|" + "---|" * len(shown),
     ]
-    for (env_id, arm), runs in group(summaries).items():
-        done = [r for r in runs if r["finished"] and r.get("synthetic")]
+    for (env_id, task, arm), done in groups.items():
         if not done:
             continue
         cells = []
-        for k in SYNTHETIC_METRICS:
+        for k in shown:
             values = [r["synthetic"][k] for r in done if k in r["synthetic"]]
             cells.append("—" if not values else "{:.2f} ± {:.2f}".format(*mean_std(values)))
-        lines.append(f"| {env_id} | {arm} | {len(done)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {env_id} | {TASK_NAMES.get(task, task)} | {arm} | {len(done)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -223,11 +251,11 @@ def plot(summaries: list[dict], path: Path, smooth: int = 1) -> None:
     import matplotlib.pyplot as plt
 
     groups = group(summaries)
-    envs = sorted({env for env, _ in groups})
+    envs = sorted({(env, task) for env, task, _ in groups})
     fig, axes = plt.subplots(1, len(envs), figsize=(6.5 * len(envs), 4.2), squeeze=False)
-    for ax, env in zip(axes[0], envs):
-        for (e, arm), runs in groups.items():
-            if e != env:
+    for ax, (env, task) in zip(axes[0], envs):
+        for (e, t, arm), runs in groups.items():
+            if (e, t) != (env, task):
                 continue
             common_steps = sorted(set.intersection(*(set(r["eval_steps"]) for r in runs)))
             if not common_steps:
@@ -240,11 +268,12 @@ def plot(summaries: list[dict], path: Path, smooth: int = 1) -> None:
             hi = [max(c[i] for c in curves) for i in range(len(common_steps))]
             (line,) = ax.plot(common_steps, mean, label=f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
             ax.fill_between(common_steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-        ax.set_title(env)
+        title = f"{env}, {TASK_NAMES.get(task, task)}"
+        ax.set_title(title)
         ax.set_xlabel("gradient steps")
         ax.set_ylabel("normalized score (mean, min–max over seeds)")
         if smooth > 1:
-            ax.set_title(f"{env} (each seed: moving average of {smooth} evaluations)", fontsize=10)
+            ax.set_title(f"{title}\n(each seed: moving average of {smooth} evaluations)", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

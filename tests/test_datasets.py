@@ -94,6 +94,12 @@ def umaze():
     return load_dataset("maze2d-umaze", dataset_steps=STEPS, seed=0, progress=False)
 
 
+@pytest.fixture(scope="module")
+def umaze_gc(umaze):
+    """The same data in Minari's goal-conditioned form: the local Minari id."""
+    return load_dataset(umaze.dataset_ids[0], progress=False)
+
+
 def _episodes(data):
     ends = np.r_[data.episode_starts[1:], data.size]
     return list(zip(data.episode_starts, ends))
@@ -119,7 +125,8 @@ def test_generation_is_deterministic_for_a_seed():
     assert not np.array_equal(a[0]["actions"], c[0]["actions"])
 
 
-def test_expert_reaches_goals_and_each_success_truncates(umaze):
+def test_expert_reaches_goals_and_each_success_truncates(umaze_gc):
+    umaze = umaze_gc
     pos_next = umaze.next_observations[:, :2]
     goal = umaze.observations[:, 4:6]
     success = np.linalg.norm(pos_next - goal, axis=1) <= 0.45
@@ -135,7 +142,9 @@ def test_expert_reaches_goals_and_each_success_truncates(umaze):
     assert np.abs(umaze.actions).max() <= 1.0
 
 
-def test_pointmaze_observation_layout(umaze):
+def test_pointmaze_observation_layout(umaze_gc):
+    umaze = umaze_gc
+    assert umaze.form == "goal-conditioned"
     assert umaze.obs_dim == 6 and umaze.state_dim == 4 and umaze.action_dim == 2 and umaze.task == "pointmaze"
     for s, e in _episodes(umaze):
         goal = umaze.observations[s:e, 4:6]
@@ -191,7 +200,8 @@ def test_reloading_reuses_the_stored_dataset(umaze):
     np.testing.assert_array_equal(again.observations, umaze.observations)
 
 
-def test_evaluate_scores_expert_high_and_random_low(umaze):
+def test_evaluate_scores_expert_high_and_random_low(umaze_gc):
+    umaze = umaze_gc
     envs = umaze.make_eval_envs(3)
     assert envs.num_envs == 3
     controllers = [pointmaze.WaypointController(umaze.make_eval_env().unwrapped.maze) for _ in range(3)]
@@ -355,8 +365,8 @@ def test_flat_cache_is_written_and_a_broken_one_is_rebuilt(umaze):
         again = load_dataset("maze2d-umaze", dataset_steps=STEPS, seed=0, progress=False, generate=False)
         assert again.fingerprint == umaze.fingerprint
         np.testing.assert_array_equal(again.segment_ends, umaze.segment_ends)
-        with np.load(caches[0]) as z:  # rewritten as a valid cache
-            assert z["observations"].shape == umaze.observations.shape
+        with np.load(caches[0]) as z:  # rewritten as a valid cache (the goal-conditioned arrays both tasks come from)
+            assert z["observations"].shape == (umaze.size, umaze.state_dim + 2)
         assert not stale.exists() and not list(folder.glob("*.tmp*"))
 
 

@@ -211,7 +211,8 @@ def test_models_made_on_the_earlier_data_are_refused(tmp_path):
 
 
 def test_flat_transitions_carry_the_goal_they_are_scored_against():
-    data = load_dataset("maze2d-umaze", dataset_steps=10_000, progress=False)
+    load_dataset("maze2d-umaze", dataset_steps=10_000, progress=False)
+    data = load_dataset("local/pointmaze/umaze-10000steps-seed123-v3", progress=False)  # the goal-conditioned task
     ds = minari.load_dataset(data.dataset_ids[0])
     ep0, ep1 = ds.storage.get_episodes([0, 1])
     stored_goal = ep1["observations"]["desired_goal"]

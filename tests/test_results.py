@@ -7,7 +7,7 @@ import pytest
 from common import results
 
 
-def fake_run(root, name, seed, scores, dydiff=True, m=1, finished=True, wall=600.0, duplicate_step=None):
+def fake_run(root, name, seed, scores, dydiff=True, m=1, finished=True, wall=600.0, duplicate_step=None, form="fixed-goal"):
     """A run folder as a training script leaves it (evaluations every 1000 steps)."""
     run = root / name
     run.mkdir()
@@ -33,12 +33,14 @@ def fake_run(root, name, seed, scores, dydiff=True, m=1, finished=True, wall=600
             rows.append({"step": step, "dydiff/wall_crossing_share": 0.1 * seed, "dydiff/rollout_time": 2.0})
         if step == duplicate_step:  # a resumed run redid this step: first a stale value, then the kept one
             rows.append({"step": step, "eval/normalized_score": -999.0})
-        rows.append({"step": step, "eval/normalized_score": score})
+        rows.append({"step": step, "eval/normalized_score": score, "eval/d4rl_normalized_score": 2 * score})
     lines = [json.dumps(r) for r in rows] + ['{"step": 99, "eval/norm']  # a line cut by a kill
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "task.json").write_text(json.dumps(dict(form=form, dataset_ids=["local/pointmaze/large-v3"])))
     if finished:
         final = sum(scores[-5:]) / len(scores[-5:])
-        (run / "result.json").write_text(json.dumps(dict(final_normalized_score=final, evaluations=scores, wall_time_s=wall)))
+        result = dict(form=form, final_normalized_score=final, evaluations=scores, wall_time_s=wall)
+        (run / "result.json").write_text(json.dumps(dict(result, final_d4rl_normalized_score=2 * final)))
     return run
 
 
@@ -74,13 +76,17 @@ def test_summary_of_a_run_folder(runs):
 def test_table_means_and_stds(runs):
     base, dyd, m0 = runs
     text = results.table(results.load([*base, *dyd, *m0]))
-    rows = {line.split(" | ")[1]: line for line in text.splitlines()[2:]}
+    rows = {line.split(" | ")[2]: line for line in text.splitlines()[2:]}
     assert set(rows) == {"TD3+BC", "TD3+BC + DyDiff (M=1)", "TD3+BC + M=0 (ensemble rollouts)"}
+    assert all(line.startswith("| maze2d-large | fixed goal (D4RL) |") for line in rows.values())
     assert "| 3 | 20.0 ± 10.0 |" in rows["TD3+BC"] and "| 1 min |" in rows["TD3+BC"]
     assert "| 3 | 8.0 ± 4.0 |" in rows["TD3+BC + DyDiff (M=1)"]  # finals 4, 8, 12
     # all evaluations [0 x 5, 20 s]: 3.3, 6.7, 10; second halves [0, 0, 20 s]: 6.7, 13.3, 20
-    assert "(seed 3) | 6.7 ± 3.3 | 13.3 ± 6.7 |" in rows["TD3+BC + DyDiff (M=1)"]
-    assert "| 20.0 ± 10.0 | 10.0 (seed 1), 20.0 (seed 2), 30.0 (seed 3) | 20.0 ± 10.0 | 20.0 ± 10.0 |" in rows["TD3+BC"]
+    assert "(seed 3) | 16.0 ± 8.0 | 6.7 ± 3.3 | 13.3 ± 6.7 |" in rows["TD3+BC + DyDiff (M=1)"]
+    assert (
+        "| 20.0 ± 10.0 | 10.0 (seed 1), 20.0 (seed 2), 30.0 (seed 3) | 40.0 ± 20.0 | 20.0 ± 10.0 | 20.0 ± 10.0 |"
+        in rows["TD3+BC"]
+    )  # the D4RL-scale column: twice the score in these fake runs
     assert "2 h 00 min" in rows["TD3+BC + DyDiff (M=1)"]  # mean of 1, 2, 3 hours
     assert "| 1 | 5.0 ± 0.0 |" in rows["TD3+BC + M=0 (ensemble rollouts)"]
     assert "unfinished: seed 2 at step 2,000" in rows["TD3+BC + M=0 (ensemble rollouts)"]
@@ -136,8 +142,32 @@ def test_the_synthetic_data_table(runs):
     summaries = results.load([*base, *dyd, *m0])
     assert summaries[0]["synthetic"] == {}  # a base run has no rollouts
     assert summaries[3]["synthetic"] == {"dydiff/wall_crossing_share": pytest.approx(0.1), "dydiff/rollout_time": 2.0}
-    rows = {line.split(" | ")[1]: line for line in results.synthetic_table(summaries).splitlines()[2:]}
+    lines = results.synthetic_table(summaries).splitlines()
+    assert lines[0] == "| env | task | arm | seeds | share of trajectories through a wall | rollout time (s) |"  # logged ones
+    rows = {line.split(" | ")[2]: line for line in lines[2:]}
     assert set(rows) == {"TD3+BC + DyDiff (M=1)", "TD3+BC + M=0 (ensemble rollouts)"}  # base runs have none
-    assert rows["TD3+BC + DyDiff (M=1)"].endswith("| 3 | 0.20 ± 0.10 | — | — | 2.00 ± 0.00 |")
-    assert rows["TD3+BC + M=0 (ensemble rollouts)"].endswith("| 1 | 0.10 ± 0.00 | — | — | 2.00 ± 0.00 |")  # finished only
+    assert rows["TD3+BC + DyDiff (M=1)"].endswith("| 3 | 0.20 ± 0.10 | 2.00 ± 0.00 |")
+    assert rows["TD3+BC + M=0 (ensemble rollouts)"].endswith("| 1 | 0.10 ± 0.00 | 2.00 ± 0.00 |")  # finished only
     assert results.synthetic_table(results.load(base)) == ""
+
+
+def test_the_two_maze2d_tasks_never_share_a_row(tmp_path):
+    root = tmp_path / "runs"
+    root.mkdir()
+    fixed = [fake_run(root, f"fixed{s}", s, [10.0] * 6, dydiff=False) for s in (1, 2)]
+    gc = [fake_run(root, f"gc{s}", s, [70.0] * 6, dydiff=False, form="goal-conditioned") for s in (1, 2)]
+    summaries = results.load([*fixed, *gc])
+    assert [s["task"] for s in summaries] == ["fixed-goal"] * 2 + ["goal-conditioned"] * 2
+    assert summaries[0]["eval_d4rl_scores"] == [20.0] * 6 and summaries[0]["final_d4rl_normalized_score"] == 20.0
+    rows = results.table(summaries).splitlines()[2:]
+    assert len(rows) == 2
+    assert rows[0].startswith("| maze2d-large | fixed goal (D4RL) | TD3+BC | 2 | 10.0 ± 0.0 |")
+    assert rows[1].startswith("| maze2d-large | goal-conditioned (Minari) | TD3+BC | 2 | 70.0 ± 0.0 |")
+
+
+def test_summaries_of_an_older_version_are_refused(runs, tmp_path):
+    s = results.summarize_run(runs[0][0])
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(dict(s, version=1)))
+    with pytest.raises(SystemExit, match="write it again from its run folder"):
+        results.load([old])

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# TD3+BC on a maze2d task, three arms x three seeds, at a scale two CPU cores can run (README, "Results").
+#
+#   bash experiments/maze2d_cpu.sh                # maze2d-large (D4RL's fixed-goal task), both lanes in the background
+#   bash experiments/maze2d_cpu.sh 1              # one lane in the foreground (lane 2's DyDiff runs wait for lane 1's models)
+#   ENV_ID=maze2d-medium RUNS=runs-medium bash experiments/maze2d_cpu.sh
+#   ENV_ID=local/pointmaze/large-v3 RUNS=runs-large-gc bash experiments/maze2d_cpu.sh   # Minari's goal-conditioned task
+#
+# Logs in $RUNS/lane{1,2}.log. Each lane runs its jobs one after the other with one torch thread, so the two lanes
+# share two cores (two one-thread runs made 1.2x more steps per second in all than one two-thread run). Run it again
+# after a kill: finished runs are skipped, killed ones resume from their last checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+ENV_ID=${ENV_ID:-maze2d-large}
+OUT=${RUNS:-runs-large}
+MODELS=${MODELS:-models-cpu}
+export OMP_NUM_THREADS=1 DYDIFF_OFFLINE=1
+
+# The CPU configuration of the models (README, "Presets"); both tasks of one dataset share the DM and the ensemble.
+PRETRAIN=(--env-id "$ENV_ID" --preset cpu --models-dir "$MODELS")
+# Paper (Table 4 / CORL): 1M steps, evaluation every 5k, B_r 2048 every 500 steps, a 2M-transition buffer.
+RUN=(--env-id "$ENV_ID" --models-dir "$MODELS" --total-steps 200000 --eval-freq 1000 --eval-episodes 10
+     --rollout-freq 500 --rollout-batch-size 64 --synthetic-buffer-size 62000)
+FOLDER="$MODELS/$(echo "$ENV_ID" | sed 's/[^A-Za-z0-9_.-]/_/g')"
+
+run() {  # run ARM SEED FLAGS...: one training run, skipped if finished, resumed if killed
+  local arm=$1 seed=$2 dir="$OUT/$1-seed$2"; shift 2
+  local folder; folder=$(ls -d "$dir"/*/ 2>/dev/null | head -1 || true)
+  if [[ -n "$folder" && -f "$folder/result.json" ]]; then echo "$arm seed $seed: finished ($folder)"; return; fi
+  if [[ -n "$folder" && -f "$folder/checkpoint.pt" ]]; then
+    echo "$arm seed $seed: resuming $folder"; $PY dydiff_td3bc.py --resume "$folder"
+  else
+    rm -rf "$dir"; echo "$arm seed $seed: starting"
+    $PY dydiff_td3bc.py "${RUN[@]}" --seed "$seed" --exp-name "dydiff_td3bc-$arm" --runs-dir "$dir" "$@"
+  fi
+}
+
+models_ready() { [[ -f $FOLDER/dm.pt && -f $FOLDER/dynamics.pt && -f $FOLDER/reward.pt ]]; }
+
+lane1() {
+  $PY pretrain_models.py "${PRETRAIN[@]}"  # keeps what is already trained, resumes the DM
+  run dydiff 1; run m0 1 --num-iterations 0; run dydiff 2; run m0 2 --num-iterations 0
+}
+
+lane2() {
+  run base 1 --no-dydiff; run base 2 --no-dydiff; run base 3 --no-dydiff
+  until models_ready; do echo "waiting for lane 1's pretraining ($FOLDER)"; sleep 120; done
+  run m0 3 --num-iterations 0; run dydiff 3
+}
+
+case "${1:-both}" in
+  1) lane1 ;;
+  2) lane2 ;;
+  both) mkdir -p "$OUT"
+        setsid nohup bash "$0" 1 > "$OUT/lane1.log" 2>&1 &
+        setsid nohup bash "$0" 2 > "$OUT/lane2.log" 2>&1 &
+        echo "started; follow with: tail -f $OUT/lane1.log $OUT/lane2.log" ;;
+  *) echo "usage: [ENV_ID=...] [RUNS=...] bash $0 [1|2|both]" >&2; exit 2 ;;
+esac
