@@ -38,15 +38,16 @@ run() {  # run ARM SEED FLAGS...: one training run, skipped if finished, resumed
 
 models_ready() { [[ -f $FOLDER/dm.pt && -f $FOLDER/dynamics.pt && -f $FOLDER/reward.pt ]]; }
 
+# Seed 1 of every arm comes first, so that a first comparison exists early.
 lane1() {
   $PY pretrain_models.py "${PRETRAIN[@]}"  # keeps what is already trained, resumes the DM
-  run dydiff 1; run m0 1 --num-iterations 0; run dydiff 2; run m0 2 --num-iterations 0
+  run dydiff 1; run dydiff 2; run m0 3 --num-iterations 0; run dydiff 3
 }
 
 lane2() {
-  run base 1 --no-dydiff; run base 2 --no-dydiff; run base 3 --no-dydiff
+  run base 1 --no-dydiff
   until models_ready; do echo "waiting for lane 1's pretraining ($FOLDER)"; sleep 120; done
-  run m0 3 --num-iterations 0; run dydiff 3
+  run m0 1 --num-iterations 0; run base 2 --no-dydiff; run base 3 --no-dydiff; run m0 2 --num-iterations 0
 }
 
 case "${1:-both}" in
