@@ -57,6 +57,18 @@ def test_dydiff_run_logs_its_rollouts_and_result(script, tiny_models, tmp_path):
     assert all(r["dydiff/kept_fraction"] == 19 / 32 for r in rollouts)
     assert [r["dydiff/synthetic_buffer_size"] for r in rollouts] == [19 * 15, 2 * 19 * 15, 3 * 19 * 15]
     assert 0.0 <= rollouts[0]["dydiff/wall_crossing_share"] <= 1.0
+    # maze2d-umaze is D4RL's fixed-goal task: the run says so, and logs the D4RL maze2d-v1 score beside ours
+    assert result["form"] == "fixed-goal" and result["obs_dim"] == 4
+    assert json.loads((run_dir / "task.json").read_text())["form"] == "fixed-goal"
+    assert len(result["d4rl_evaluations"]) == 2
+    evals = [r for r in m if "eval/normalized_score" in r]
+    assert all(math.isfinite(r["eval/d4rl_normalized_score"]) for r in evals)
+    # the synthetic data checked: shares in [0, 1], all 19 kept trajectories replayed (at most --check-trajectories 64)
+    for key in ("goal_share_reward_model", "goal_share_generated", "goal_share_real", "wall_crossing_share_kept"):
+        assert all(0.0 <= r["dydiff/" + key] <= 1.0 for r in rollouts), key
+    assert all(r["dydiff/goal_share_generated_checked"] == r["dydiff/goal_share_generated"] for r in rollouts)
+    assert all(r["dydiff/return_kept_predicted"] == pytest.approx(r["dydiff/return_kept"], rel=1e-5) for r in rollouts)
+    assert all(0.0 <= r["dydiff/return_kept_real"] <= 15 for r in rollouts)  # sparse: at most 1 per transition
     losses = next(r for r in m if "losses/" + LOSSES[script][0] in r)
     for key in LOSSES[script]:
         assert math.isfinite(losses["losses/" + key]), key
@@ -182,6 +194,10 @@ def test_bad_inputs_end_in_one_clear_message(script, tiny_models, tmp_path):
     other = models_for_other_data(tiny_models, tmp_path / "other-models")
     fails_with(*tiny(script, other, tmp_path), messages=["was trained on dataset local/pointmaze/umaze-other-v2"])
     fails_with("--resume", str(tmp_path), messages=["no checkpoint.pt there"])
+    fails_with(
+        *tiny(script, tiny_models, tmp_path, "--pretrain.dm-lr", "inf", "--gamma", "nan"),
+        messages=["--gamma must be a finite number, got nan", "--pretrain.dm-lr must be a finite number, got inf"],
+    )
 
 
 # ----------------------------------------------------------------------------- the DyDiff pieces, in each script

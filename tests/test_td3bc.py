@@ -109,3 +109,13 @@ def test_cuda_graphed_update_takes_the_same_steps_as_the_eager_one():
     for e, g in zip(eager_nets, graph_nets):
         for pe, pg in zip(e.parameters(), g.parameters()):
             torch.testing.assert_close(pg, pe)
+
+
+def test_the_critic_on_real_and_synthetic_transitions():
+    from dydiff_td3bc import critic_on_real_and_synthetic
+
+    batch = {"obs": torch.arange(6, dtype=torch.float32)[:, None], "actions": torch.zeros(6, 2)}
+    qf = lambda obs, actions: obs[:, 0] * 2  # noqa: E731  (Q = 2 * the normalized observation)
+    out = critic_on_real_and_synthetic(qf, batch, 2, torch.tensor([1.0]), torch.tensor([0.5]))
+    assert out == {"losses/q_real": pytest.approx(4 * 1.5 - 4), "losses/q_synthetic": pytest.approx(4 * 4.5 - 4)}
+    assert critic_on_real_and_synthetic(qf, batch, 0, torch.tensor([0.0]), torch.tensor([1.0])) == {"losses/q_real": 5.0}
