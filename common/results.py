@@ -8,7 +8,10 @@ Each argument is a run folder (what a training script writes: `args.json`, `metr
 writes one small summary per run folder (its arm, seed, evaluations and wall time), so the table
 and the plot can be rebuilt later without the run folders. The Markdown table (final normalized
 score, mean ± std over seeds, per arm; then, for the augmented arms, the synthetic data: the share of
-trajectories through a wall, the reward model's return, the rollout time) goes to stdout or `--table FILE`.
+trajectories through a wall, whether the kept ones reach the goal by the reward model, by their own states and in
+the real simulator, predicted vs real return, the critic's Q on real and synthetic transitions, the rollout time;
+then, for each pair of arms, the difference of the means with Welch's t and a bootstrap interval) goes to stdout
+or `--table FILE`. Runs on the two maze2d tasks (fixed-goal, goal-conditioned) never share a row.
 
 An arm is one algorithm with one setting: the base algorithm (`--no-dydiff`), DyDiff with M
 refinement iterations, or M = 0 (dynamics-ensemble rollouts only).
@@ -237,6 +240,61 @@ def synthetic_table(summaries: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
+def welch_t(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Welch's t statistic of mean(a) - mean(b) and its Welch-Satterthwaite degrees of freedom (nan with < 2 values)."""
+    if len(a) < 2 or len(b) < 2:
+        return float("nan"), float("nan")
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    va, vb = sa**2 / len(a), sb**2 / len(b)
+    if va + vb == 0:
+        return (0.0 if ma == mb else math.copysign(math.inf, ma - mb)), float("nan")
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va * vb > 0 else float(len(a) + len(b) - 2)
+    return (ma - mb) / math.sqrt(va + vb), df
+
+
+def bootstrap_interval(a: list[float], b: list[float], level: float = 0.9, resamples: int = 10_000, seed: int = 0):
+    """Percentile bootstrap interval of mean(a) - mean(b), resampling each arm's seeds with replacement."""
+    import random
+
+    rng = random.Random(seed)
+    diffs = sorted(sum(rng.choices(a, k=len(a))) / len(a) - sum(rng.choices(b, k=len(b))) / len(b) for _ in range(resamples))
+    lo = diffs[int((1 - level) / 2 * resamples)]
+    hi = diffs[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return lo, hi
+
+
+SCORES = {  # the per-run scores the comparison table tests
+    "final": lambda r: r["final_normalized_score"],
+    "mean of all evaluations": lambda r: sum(r["eval_scores"]) / len(r["eval_scores"]),
+    "second half": second_half,
+}
+
+
+def comparison_table(summaries: list[dict]) -> str:
+    """Markdown: for each pair of arms on one env and task (finished runs, at least 2 seeds each) and each score, the
+    difference of the means, Welch's t (degrees of freedom) and a 90 % bootstrap interval of the difference."""
+    groups = {k: [r for r in runs if r["finished"]] for k, runs in group(summaries).items()}
+    lines = [
+        "| env | task | arms (A vs B) | score | A − B | Welch's t (df) | 90 % bootstrap interval of A − B |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    keys = [k for k, runs in groups.items() if len(runs) >= 2]
+    for i, (env, task, arm_a) in enumerate(keys):
+        for env_b, task_b, arm_b in keys[i + 1 :]:
+            if (env_b, task_b) != (env, task):
+                continue
+            for name, score in SCORES.items():
+                a = [score(r) for r in groups[(env, task, arm_a)]]
+                b = [score(r) for r in groups[(env, task, arm_b)]]
+                t, df = welch_t(a, b)
+                lo, hi = bootstrap_interval(a, b)
+                lines.append(
+                    f"| {env} | {TASK_NAMES.get(task, task)} | {arm_a} vs {arm_b} | {name} | "
+                    f"{mean_std(a)[0] - mean_std(b)[0]:+.1f} | {t:+.2f} ({df:.1f}) | {lo:+.1f} to {hi:+.1f} |"
+                )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def moving_average(values: list[float], k: int) -> list[float]:
     """Each value averaged with the k - 1 before it (fewer at the start)."""
     return [sum(values[max(0, i - k + 1) : i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(values))]
@@ -303,6 +361,8 @@ def main(argv=None) -> None:
     text = table(summaries)
     if synthetic := synthetic_table(summaries):
         text += "\n\nThe synthetic data (each run: the mean over its rollouts):\n\n" + synthetic
+    if comparison := comparison_table(summaries):
+        text += "\n\nPairs of arms (finished runs; a bootstrap over 2–3 seeds is coarse):\n\n" + comparison
     if args.table is not None:
         args.table.write_text(text + "\n")
         print(f"wrote {args.table}")

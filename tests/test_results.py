@@ -1,6 +1,7 @@
 """common.results on tiny fake run folders: summaries, the Markdown table, the plot, bad inputs."""
 
 import json
+import math
 
 import pytest
 
@@ -171,3 +172,24 @@ def test_summaries_of_an_older_version_are_refused(runs, tmp_path):
     old.write_text(json.dumps(dict(s, version=1)))
     with pytest.raises(SystemExit, match="write it again from its run folder"):
         results.load([old])
+
+
+def test_welch_t_and_the_bootstrap_interval():
+    t, df = results.welch_t([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert t == pytest.approx(-3 / (2 / 3) ** 0.5) and df == pytest.approx(4.0)
+    t, df = results.welch_t([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 6.0])  # unequal variances: fewer degrees of freedom
+    assert t == pytest.approx((2.5 - 2.0) / (5 / 12 + 12 / 3) ** 0.5) and 2 < df < 3
+    lo, hi = results.bootstrap_interval([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert -5.0 <= lo < -3.0 < hi <= -1.0
+    assert results.bootstrap_interval([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == (lo, hi)  # seeded: the same every time
+    assert math.isnan(results.welch_t([1.0], [2.0, 3.0])[0])
+
+
+def test_the_comparison_table(runs):
+    base, dyd, m0 = runs
+    lines = results.comparison_table(results.load([*base, *dyd, *m0])).splitlines()
+    rows = lines[2:]
+    assert len(rows) == 3  # only base and DyDiff have >= 2 finished seeds: one pair, three scores
+    final = next(r for r in rows if "| final |" in r)
+    # base finals 10, 20, 30 vs DyDiff 4, 8, 12: +12.0, t = 12 / sqrt(100/3 + 16/3)
+    assert "| TD3+BC vs TD3+BC + DyDiff (M=1) | final | +12.0 | +1.93 (" in final
