@@ -49,6 +49,9 @@ $PIP install --quiet --disable-pip-version-check --dry-run --ignore-installed --
   "${PLATFORM[@]}" --target "$TMP/node-target" $NODE_HAS
 
 # 3. The folder: every needed wheel the node lacks (or in KEEP), minus the viewer; and its exact install list
+if [[ -e $DEST ]] && find "$DEST" -mindepth 1 ! -name '*.whl' ! -name requirements.txt | grep -q .; then
+  echo "$DEST holds more than wheels; give another folder" >&2; exit 1
+fi
 rm -rf "$DEST" && mkdir -p "$DEST"
 python - "$TMP/all" "$TMP/node.json" "$DEST" "$KEEP" "${VIEWER:-}" <<'EOF'
 import json, re, shutil, sys

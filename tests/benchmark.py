@@ -13,6 +13,7 @@ baseline. Not collected by pytest (the name does not start with test_).
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -87,6 +88,9 @@ class Args:
     """timed repetitions of each measurement (the median is reported; default: by --size)"""
     compile: bool = True
     """also measure torch.compile variants (the first call compiles, which takes a minute or more)"""
+    variants: tuple[str, ...] = ()
+    """only these denoiser variants ("fp32 eager", "bf16 eager", "fp32 compiled", "bf16 compiled") in the forward,
+    sampler and rollout figures; default: every one that --bf16 and --compile give"""
     bf16: Literal["auto", "on", "off"] = "auto"
     """also measure bf16 autocast variants: on, off, or auto (on a GPU only)"""
     total_steps: int = 1_000_000
@@ -636,7 +640,7 @@ def main(args: Args):
     else:
         name = f"CPU, {torch.get_num_threads()} threads"
     print(f"# DyDiff benchmark: {name}, torch {torch.__version__}, size {size}")
-    print(f"`python tests/benchmark.py {' '.join(sys.argv[1:])}`")
+    print(f"`python tests/benchmark.py {shlex.join(sys.argv[1:])}`")
 
     def variants(net):
         """name -> (network, bf16) for each variant measured: eager fp32, then bf16 and compiled if asked."""
@@ -648,7 +652,7 @@ def main(args: Args):
             out["fp32 compiled"] = (compiled, False)
             if args.bf16:
                 out["bf16 compiled"] = (compiled, True)
-        return out
+        return {k: v for k, v in out.items() if k in args.variants} if args.variants else out
 
     cache = {}
 
@@ -657,6 +661,10 @@ def main(args: Args):
             cache[id(net)] = variants(net)
         return cache[id(net)]
 
+    given = [("fp32", "eager")] + [("bf16", "eager")] * args.bf16 + [("fp32", "compiled")] * args.compile
+    given = {" ".join(v) for v in given + [("bf16", "compiled")] * (args.bf16 and args.compile)}
+    if set(args.variants) - given:
+        raise SystemExit(f"--variants: {sorted(set(args.variants) - given)} not among those measured here: {sorted(given)}")
     denoiser = make_denoiser(args.dm_dim, args.dm_dim_mults, device)
     print(
         f"denoiser: dim {args.dm_dim}, mults {args.dm_dim_mults}, "
@@ -668,9 +676,11 @@ def main(args: Args):
         bench_forward(args, device, denoiser, cached_variants, results)
     if "sampler" in args.sections:
         bench_sampler(args, device, denoiser, cached_variants, results)
-    # The rollout uses the fastest sampler variant measured (fp32 eager if the sampler was not measured).
+    # The rollout uses the fastest sampler variant measured (the first variant if the sampler was not measured).
     sampler = results.get("sampler", {})
-    args.rollout_variant = min(sampler, key=lambda k: sampler[k]["seconds"]) if sampler else "fp32 eager"
+    args.rollout_variant = (
+        min(sampler, key=lambda k: sampler[k]["seconds"]) if sampler else next(iter(cached_variants(denoiser.net)))
+    )
     if "rollout" in args.sections:
         bench_rollout(args, device, denoiser, cached_variants, results)
     if "update" in args.sections:
