@@ -670,11 +670,15 @@ def resume(s: Session, until):
             list(map(str, cmd)), cwd=ROOT, env=s.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
         folder = None
-        while proc.poll() is None and time.monotonic() < until - 5:
-            folder = run_dir(s, "e2e-resume")
-            if folder and (folder / "checkpoint.pt").exists():
-                break
-            time.sleep(0.1)
+        try:
+            while proc.poll() is None and time.monotonic() < until - 5:
+                folder = run_dir(s, "e2e-resume")
+                if folder and (folder / "checkpoint.pt").exists():
+                    break
+                time.sleep(0.1)
+        except BaseException:  # this session stopped: the run goes too
+            stop(proc)
+            raise
         finished = proc.poll() is not None
         try:
             os.killpg(proc.pid, signal.SIGKILL)
