@@ -76,9 +76,10 @@ def test_writes_model_files_that_load_for_this_dataset(pretrained):
     folder = models_folder(str(models_dir), "maze2d-umaze")
     data = load_dataset("maze2d-umaze", dataset_steps=10_000, progress=False)
     for name in ("dm", "dynamics", "reward"):
-        ckpt = load_model_file(folder, name, data.fingerprint)
-        assert ckpt["state_dim"] == 4 and ckpt["obs_dim"] == 6 and ckpt["action_dim"] == 2
-        assert ckpt["dataset_ids"] == list(data.dataset_ids)
+        ckpt = load_model_file(folder, name, data)
+        assert ckpt["state_dim"] == 4 and ckpt["obs_dim"] == 4 and ckpt["action_dim"] == 2  # the fixed-goal task
+        assert ckpt["dataset_ids"] == list(data.dataset_ids) and ckpt["form"] == "fixed-goal"
+        assert (ckpt["fingerprint"], ckpt["physical_fingerprint"]) == (data.fingerprint, data.physical_fingerprint)
     dm = load_model_file(folder, "dm", data.fingerprint)
     assert dm["horizon"] == 16 and "normalizer" in dm
     from common.checkpoints import load_dynamics, load_reward

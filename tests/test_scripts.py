@@ -142,7 +142,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_numbers(script, tiny_models, 
     assert 0 < ckpt["step"] < 400, "the run was killed before it finished"
     assert {"python", "numpy", "torch", "cuda", "generators"} <= set(ckpt["rng"])
     buf = ckpt["synthetic"]
-    assert buf["size"] > 0 and buf["obs"].shape == (buf["size"], 6) and torch.isfinite(buf["obs"]).all()
+    assert buf["size"] > 0 and buf["obs"].shape == (buf["size"], 4) and torch.isfinite(buf["obs"]).all()  # fixed-goal
     # only --total-steps may change on resume, and only beyond the checkpoint
     out = run_script(script, "--resume", str(cut), "--seed", "5", check=False)
     assert out.returncode != 0 and "only --total-steps may change (drop --seed)" in out.stderr
