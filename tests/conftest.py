@@ -5,14 +5,29 @@
 """
 
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
-# Set before anything imports minari, which reads the store path from the environment.
-os.environ["MINARI_DATASETS_PATH"] = tempfile.mkdtemp(prefix="dydiff-test-minari-")
+# One temporary folder for the whole run, removed at its end: the Minari store, pytest's tmp_path folders, and the
+# temporary files of every process the tests start (TMPDIR is inherited). Set before anything imports minari,
+# which reads the store path from the environment.
+TEST_ROOT = Path(tempfile.mkdtemp(prefix="dydiff-tests-"))
+os.environ["TMPDIR"] = tempfile.tempdir = str(TEST_ROOT)
+os.environ["MINARI_DATASETS_PATH"] = str(TEST_ROOT / "minari")
 os.environ["DYDIFF_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The run leaves nothing behind; a maze XML that a PointMaze env left in the temporary folder fails it."""
+    left = sorted(p.name for p in TEST_ROOT.glob("*.xml"))
+    shutil.rmtree(TEST_ROOT, ignore_errors=True)
+    if left:
+        print(f"\nfiles left in the temporary folder by the code under test: {', '.join(left)}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_addoption(parser):
