@@ -235,7 +235,9 @@ def test_hardmax_keeps_exactly_the_top_floor_eta_b(script):
 def test_softmax_filter_limits(script):
     filter_trajectories = script_module(script).filter_trajectories
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(200)
+    # distinct scores a fixed step apart (z-score gap ~0.017, 170 x T = 1e-4), so that a tiny temperature is hardmax
+    # whatever the Gumbel draws; random normal scores can be too close at the 30 % boundary
+    scores = torch.randperm(200, generator=torch.Generator().manual_seed(1)).float()
     top = set(filter_trajectories(scores, 0.3, "hardmax", 0.05).tolist())
     for _ in range(5):  # a tiny temperature is hardmax
         assert set(filter_trajectories(scores, 0.3, "softmax", 1e-4, g).tolist()) == top
