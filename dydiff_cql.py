@@ -28,7 +28,7 @@ from common.checkpoints import load_or_pretrain_models
 from common.config import PretrainConfig, rollout_cost_on_cpu
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import refine_states
-from common.envs import evaluate, numpy_policy, termination_fn
+from common.envs import evaluate, numpy_policy, replay_batch, termination_fn
 from common.pointmaze import maze_picture, synthetic_data_metrics
 from common.runs import Run, parse_args
 
@@ -136,6 +136,9 @@ class Args:
     """torch.compile the DM for the sampler (compiles during the first rollout; meant for GPUs)"""
     check_trajectories: int = 64
     """PointMaze: kept synthetic trajectories per rollout replayed in the real simulator to check them (0: none)"""
+    simulator_states: bool = False
+    """ablation (PointMaze): each round's states are the real simulator's replay of the actions from s_0, i.e. a
+    perfect DM; this reads the simulator, so it is no longer offline RL"""
 
 
 def defaults_for(args: Args, env_id: str) -> Args:
@@ -428,6 +431,8 @@ if __name__ == "__main__":
         is_terminal = termination_fn(data.task)
         dm_bf16 = args.dm_bf16 and device.type == "cuda"  # bf16 convolutions are slow on most CPUs
         check_env = data.make_eval_env() if data.task == "pointmaze" else None  # checks the synthetic data
+        if args.simulator_states and check_env is None:
+            raise SystemExit(f"--simulator-states replays actions in the PointMaze simulator; {args.env_id} is not PointMaze")
 
     # Networks
     actor = TanhGaussianPolicy(obs_dim, A, max_action).to(device)
@@ -489,9 +494,12 @@ if __name__ == "__main__":
                 states, actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
                 # c. M rounds: DM states given (s_0, actions), then relabel every action with the policy
                 for _ in range(args.num_iterations):
-                    new_states = refine_states(
-                        denoiser, dm_normalizer, s0, actions, args.sampler_steps, args.sampler_churn, gen, bf16=dm_bf16
-                    )
+                    if args.simulator_states:  # ablation: what a perfect DM would return
+                        new_states = replay_batch(check_env, data.task, s0, actions)
+                    else:
+                        new_states = refine_states(
+                            denoiser, dm_normalizer, s0, actions, args.sampler_steps, args.sampler_churn, gen, bf16=dm_bf16
+                        )
                     states = 0.5 * (states + new_states) if args.average_with_previous else new_states
                     obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
                     actions = policy(obs.reshape(B_r * L, obs_dim)).reshape(B_r, L, A)

@@ -34,6 +34,11 @@ def shared_arg_problems(args) -> list[str]:
         problems.append(f"--sampler-steps must be >= 2, got {args.sampler_steps}")
     if args.sampler_churn < 0:
         problems.append(f"--sampler-churn must be >= 0, got {args.sampler_churn}")
+    if args.simulator_states and (not args.dydiff or args.num_iterations == 0):
+        problems.append(
+            "--simulator-states replaces the DM's states, and this run makes none: it needs DyDiff rollouts with "
+            "--num-iterations >= 1"
+        )
     if args.check_trajectories < 0:
         problems.append(f"--check-trajectories must be >= 0 (0: no check), got {args.check_trajectories}")
     return problems

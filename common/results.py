@@ -52,6 +52,8 @@ def arm_name(args: dict) -> str:
     m = args.get("num_iterations")
     if m == 0:
         return f"{algo} + M=0 (ensemble rollouts)"
+    if args.get("simulator_states"):
+        return f"{algo} + DyDiff (M={m}), simulator states"
     return f"{algo} + DyDiff (M={m})"
 
 
