@@ -43,6 +43,26 @@ TASK_NAMES = {"fixed-goal": "fixed goal (D4RL)", "goal-conditioned": "goal-condi
 ALGO_NAMES = {"dydiff_td3bc": "TD3+BC", "dydiff_cql": "CQL", "dydiff_diffql": "Diffusion-QL"}
 
 
+# The paper's Table 2 (D4RL maze2d-v1 scale, mean ± std over 3 runs): env -> algorithm -> (base, DyDiff (M=1)).
+PAPER_TABLE2 = {
+    "maze2d-umaze": {"TD3+BC": ((35, 10), (55, 12)), "CQL": ((19, 15), (58, 43)), "Diffusion-QL": ((47, 1), (46, 2))},
+    "maze2d-medium": {"TD3+BC": ((81, 50), (134, 19)), "CQL": ((93, 13), (156, 17)), "Diffusion-QL": ((50, 2), (162, 2))},
+    "maze2d-large": {"TD3+BC": ((43, 46), (182, 42)), "CQL": ((5, 11), (110, 7)), "Diffusion-QL": ((109, 29), (197, 15))},
+}
+
+
+def paper_score(env_id: str, task: str, arm: str) -> str:
+    """The paper's Table 2 value for this row ('mean ± std', D4RL scale), or '—' where the paper has none: it ran
+    D4RL's fixed-goal maze2d, the base algorithms and DyDiff with M = 1."""
+    if task != "fixed-goal":
+        return "—"
+    for algo, (base, dydiff) in PAPER_TABLE2.get(env_id, {}).items():
+        for name, (m, s) in ((algo, base), (f"{algo} + DyDiff (M=1)", dydiff)):
+            if arm == name:
+                return f"{m} ± {s}"
+    return "—"
+
+
 def arm_name(args: dict) -> str:
     """'TD3+BC', 'TD3+BC + DyDiff (M=1)' or 'TD3+BC + M=0 (ensemble rollouts)', from a run's args.json."""
     script = args.get("script") or args.get("exp_name", "")
@@ -187,8 +207,9 @@ def table(summaries: list[dict]) -> str:
     of the evaluations (less noisy than the final score, it says more of how a run held)."""
     lines = [
         "| env | task | arm | seeds | final normalized score (mean ± std) | per seed | final, D4RL maze2d-v1 scale "
-        "| mean of all evaluations (mean ± std) | second-half score (mean ± std) | steps | wall time per run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| paper, Table 2 (D4RL scale) | mean of all evaluations (mean ± std) | second-half score (mean ± std) | steps "
+        "| wall time per run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (env_id, task, arm), runs in group(summaries).items():
         done = [r for r in runs if r["finished"]]
@@ -216,8 +237,10 @@ def table(summaries: list[dict]) -> str:
             )
             per_seed += f"; unfinished: {last}"
         steps = ", ".join(sorted({f"{r['total_steps']:,}" for r in runs}))
+        paper = paper_score(env_id, task, arm)
         lines.append(
-            f"| {env_id} | {TASK_NAMES.get(task, task)} | {arm} | {len(done)} | {score} | {per_seed} | {d4rl} | {overall} "
+            f"| {env_id} | {TASK_NAMES.get(task, task)} | {arm} | {len(done)} | {score} | {per_seed} | {d4rl} | {paper} "
+            f"| {overall} "
             f"| {held} | {steps} | {wall} |"
         )
     return "\n".join(lines)

@@ -60,6 +60,11 @@ def test_arm_names():
     assert results.arm_name(dict(exp_name="dydiff_cql", dydiff=True, num_iterations=2)) == "CQL + DyDiff (M=2)"
     assert results.arm_name(dict(exp_name="dydiff_diffql", dydiff=True, num_iterations=0)).startswith("Diffusion-QL + M=0")
     assert results.arm_name(dict(exp_name="my-run", dydiff=False)) == "my-run"
+    ablation = dict(exp_name="dydiff_td3bc-sim", dydiff=True, num_iterations=1, simulator_states=True)
+    assert results.arm_name(ablation) == "TD3+BC + DyDiff (M=1), simulator states"
+    assert results.paper_score("maze2d-large", "fixed-goal", results.arm_name(ablation)) == "—"
+    assert results.paper_score("maze2d-medium", "fixed-goal", "CQL + DyDiff (M=1)") == "156 ± 17"
+    assert results.paper_score("maze2d-medium", "fixed-goal", "CQL + DyDiff (M=2)") == "—"
 
 
 def test_summary_of_a_run_folder(runs):
@@ -83,11 +88,13 @@ def test_table_means_and_stds(runs):
     assert "| 3 | 20.0 ± 10.0 |" in rows["TD3+BC"] and "| 1 min |" in rows["TD3+BC"]
     assert "| 3 | 8.0 ± 4.0 |" in rows["TD3+BC + DyDiff (M=1)"]  # finals 4, 8, 12
     # all evaluations [0 x 5, 20 s]: 3.3, 6.7, 10; second halves [0, 0, 20 s]: 6.7, 13.3, 20
-    assert "(seed 3) | 16.0 ± 8.0 | 6.7 ± 3.3 | 13.3 ± 6.7 |" in rows["TD3+BC + DyDiff (M=1)"]
+    assert "(seed 3) | 16.0 ± 8.0 | 182 ± 42 | 6.7 ± 3.3 | 13.3 ± 6.7 |" in rows["TD3+BC + DyDiff (M=1)"]
     assert (
-        "| 20.0 ± 10.0 | 10.0 (seed 1), 20.0 (seed 2), 30.0 (seed 3) | 40.0 ± 20.0 | 20.0 ± 10.0 | 20.0 ± 10.0 |"
+        "| 20.0 ± 10.0 | 10.0 (seed 1), 20.0 (seed 2), 30.0 (seed 3) | 40.0 ± 20.0 | 43 ± 46 | 20.0 ± 10.0 | 20.0 ± 10.0 |"
         in rows["TD3+BC"]
-    )  # the D4RL-scale column: twice the score in these fake runs
+    )  # the D4RL-scale column: twice the score in these fake runs; then the paper's Table 2
+    assert "| 16.0 ± 8.0 | 182 ± 42 |" in rows["TD3+BC + DyDiff (M=1)"]
+    assert "| 10.0 ± 0.0 | — |" in rows["TD3+BC + M=0 (ensemble rollouts)"]  # the paper has no M = 0 row
     assert "2 h 00 min" in rows["TD3+BC + DyDiff (M=1)"]  # mean of 1, 2, 3 hours
     assert "| 1 | 5.0 ± 0.0 |" in rows["TD3+BC + M=0 (ensemble rollouts)"]
     assert "unfinished: seed 2 at step 2,000" in rows["TD3+BC + M=0 (ensemble rollouts)"]
@@ -164,6 +171,7 @@ def test_the_two_maze2d_tasks_never_share_a_row(tmp_path):
     assert len(rows) == 2
     assert rows[0].startswith("| maze2d-large | fixed goal (D4RL) | TD3+BC | 2 | 10.0 ± 0.0 |")
     assert rows[1].startswith("| maze2d-large | goal-conditioned (Minari) | TD3+BC | 2 | 70.0 ± 0.0 |")
+    assert "| 20.0 ± 0.0 | 43 ± 46 |" in rows[0] and "| 140.0 ± 0.0 | — |" in rows[1]  # the paper ran the fixed goal
 
 
 def test_summaries_of_an_older_version_are_refused(runs, tmp_path):
