@@ -126,7 +126,7 @@ def cpu_command(script: str, env_id: str) -> str:
 
 def rollout_cost_on_cpu(args, denoiser, normalizer, state_dim: int, action_dim: int, script: str) -> str | None:
     """On a CPU, when it comes to an hour or more: the projected time of this run's DM sampling (from sampling
-    2 windows with 2 steps) and the command of the CPU-scale run; else None.
+    2 windows with 2 steps) and the command of the CPU-scale run; else None (and with --simulator-states).
 
     Uses its own random generator, so the run's random draws are the same with or without this measurement.
     """
@@ -137,6 +137,8 @@ def rollout_cost_on_cpu(args, denoiser, normalizer, state_dim: int, action_dim: 
     from common.edm import refine_states
 
     if next(denoiser.parameters()).device.type != "cpu" or args.num_iterations == 0:
+        return None
+    if getattr(args, "simulator_states", False):  # the ablation replaces the DM's sampling with the simulator
         return None
     gen = torch.Generator().manual_seed(0)
     s0 = torch.zeros(2, state_dim)
