@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# TD3+BC on a maze2d task, three arms x three seeds, at a scale two CPU cores can run (README, "Results").
+# TD3+BC on a maze2d task, three arms x three seeds, at a scale two CPU cores can run (README, "Results"), and one
+# run of the ablation that gives DyDiff a perfect DM (--simulator-states).
 #
 #   bash experiments/maze2d_cpu.sh                # maze2d-large (D4RL's fixed-goal task), both lanes in the background
 #   bash experiments/maze2d_cpu.sh 1              # one lane in the foreground (lane 2's DyDiff runs wait for lane 1's models)
@@ -48,6 +49,7 @@ lane2() {
   run base 1 --no-dydiff
   until models_ready; do echo "waiting for lane 1's pretraining ($FOLDER)"; sleep 120; done
   run m0 1 --num-iterations 0; run base 2 --no-dydiff; run base 3 --no-dydiff; run m0 2 --num-iterations 0
+  run simstates 1 --simulator-states  # the ablation: DyDiff with a perfect DM (the real simulator's states)
 }
 
 case "${1:-both}" in
