@@ -1,7 +1,7 @@
 """The --simulator-states ablation: each DyDiff round takes its states from the real simulator (a perfect DM).
 
-The replayed batch is the simulator's, step by step; a run with it logs synthetic trajectories that the real
-simulator confirms (goal shares agree, no wall crossed); flags that leave it nothing to replace are refused.
+The replayed batch is the simulator's, step by step; a run with it logs synthetic trajectories that cross no wall;
+flags that leave it nothing to replace are refused.
 """
 
 import json
@@ -53,10 +53,9 @@ def test_a_run_with_simulator_states_logs_only_real_trajectories(tiny_models, tm
     rollouts = [r for r in metrics(run_dir) if "dydiff/kept_fraction" in r]
     assert [r["step"] for r in rollouts] == [0, 50, 100]
     for r in rollouts:
-        # every kept trajectory is replayed (19 < 64): its own states are the simulator's
-        assert r["dydiff/goal_share_generated_checked"] == r["dydiff/goal_share_real"]
-        assert r["dydiff/goal_share_generated"] == r["dydiff/goal_share_real"]
-        assert r["dydiff/wall_crossing_share"] == 0.0
+        # the states are the simulator's: none passes through a wall (the tiny DM's go through walls). The goal
+        # shares need not agree: the checks replay the relabelled actions, the states came from the previous ones.
+        assert r["dydiff/wall_crossing_share"] == 0.0 and r["dydiff/wall_crossing_share_kept"] == 0.0
     assert json.loads((run_dir / "result.json").read_text())["total_steps"] == 120
 
 
