@@ -136,9 +136,8 @@ def rollout_cost_on_cpu(args, denoiser, normalizer, state_dim: int, action_dim: 
 
     from common.edm import refine_states
 
-    if next(denoiser.parameters()).device.type != "cpu" or args.num_iterations == 0:
-        return None
-    if getattr(args, "simulator_states", False):  # the ablation replaces the DM's sampling with the simulator
+    no_dm_sampling = args.num_iterations == 0 or getattr(args, "simulator_states", False)  # the ablation: the simulator
+    if next(denoiser.parameters()).device.type != "cpu" or no_dm_sampling:
         return None
     gen = torch.Generator().manual_seed(0)
     s0 = torch.zeros(2, state_dim)
