@@ -26,8 +26,8 @@ from common.config import PretrainConfig, rollout_cost_on_cpu
 from common.cudagraphs import cuda_graphed
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import refine_states
-from common.envs import evaluate, numpy_policy, replay_batch, termination_fn
-from common.pointmaze import maze_picture, synthetic_data_metrics
+from common.envs import evaluate, numpy_policy, termination_fn
+from common.pointmaze import BatchedSimulator, maze_picture, synthetic_data_metrics, true_rewards
 from common.runs import Run, parse_args
 
 
@@ -130,9 +130,16 @@ class Args:
     """torch.compile the DM for the sampler (compiles during the first rollout; meant for GPUs)"""
     check_trajectories: int = 64
     """PointMaze: kept synthetic trajectories per rollout replayed in the real simulator to check them (0: none)"""
-    simulator_states: bool = False
-    """ablation (PointMaze): each round's states are the real simulator's replay of the actions from s_0, i.e. a
-    perfect DM; this reads the simulator, so it is no longer offline RL"""
+    # Ablations (PointMaze): each swaps one of DyDiff's approximations for the real thing. They read the real
+    # simulator, so a run with one is no longer offline RL (README, "Ablations").
+    rollout_states: Literal["dm", "simulator-replay", "simulator"] = "dm"
+    """dm = DyDiff; simulator-replay = each DM round is the simulator replaying the actions from s_0 (a perfect DM);
+    simulator = the policy acting in the simulator from s_0 (true on-policy rollouts: no ensemble, no DM)"""
+    stored_actions: Literal["relabelled", "conditioning"] = "relabelled"
+    """the actions stored with the final states: the policy's relabelled ones (Algorithm 1), or those the last DM
+    round was given (so each stored transition is consistent with the dynamics that made it)"""
+    rollout_rewards: Literal["model", "simulator"] = "model"
+    """what the filter ranks and D_syn stores: the reward model's rewards, or the task's true rewards"""
 
 
 def defaults_for(args: Args, env_id: str) -> Args:
@@ -298,16 +305,20 @@ if __name__ == "__main__":
 
     # Pretrained models: DM, dynamics ensemble, reward model (made first if missing)
     if args.dydiff:
+        check_env = data.make_eval_env() if data.task == "pointmaze" else None  # checks the synthetic data
+        if check_env is None and (args.rollout_states != "dm" or args.rollout_rewards != "model"):
+            raise SystemExit(
+                f"--rollout-states/--rollout-rewards simulator need the PointMaze simulator; {args.env_id} is not PointMaze"
+            )
+        simulator = BatchedSimulator(check_env) if args.rollout_states != "dm" else None  # the ablations' real dynamics
+        # the models this run's rollouts use (None for those an ablation replaces)
         denoiser, dm_normalizer, dynamics, reward_model = load_or_pretrain_models(args, data, device)
         if cost := rollout_cost_on_cpu(args, denoiser, dm_normalizer, S, A, os.path.basename(__file__)):
             print(cost)
-        if args.compile_dm:
+        if args.compile_dm and denoiser is not None:
             denoiser = torch.compile(denoiser)
         is_terminal = termination_fn(data.task)
         dm_bf16 = args.dm_bf16 and device.type == "cuda"  # bf16 convolutions are slow on most CPUs
-        check_env = data.make_eval_env() if data.task == "pointmaze" else None  # checks the synthetic data
-        if args.simulator_states and check_env is None:
-            raise SystemExit(f"--simulator-states replays actions in the PointMaze simulator; {args.env_id} is not PointMaze")
 
     # Networks
     actor = Actor(obs_dim, A, max_action).to(device)
@@ -378,12 +389,16 @@ if __name__ == "__main__":
                 # a. start states from the real dataset; the context (goal) rides along unchanged
                 idx = torch.randint(data.size, (B_r,), device=device, generator=gen)
                 s0, context = real["obs"][idx, :S], real["obs"][idx, S:]
-                # b. autoregressive rollout of the learning policy in the dynamics ensemble
-                states, actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
+                if args.rollout_states == "simulator":  # ablation: the policy in the real simulator, no models
+                    states, actions = simulator.rollout(policy, s0, L, context=context)
+                else:
+                    # b. autoregressive rollout of the learning policy in the dynamics ensemble
+                    states, actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
                 # c. M rounds: DM states given (s_0, actions), then relabel every action with the policy
-                for _ in range(args.num_iterations):
-                    if args.simulator_states:  # ablation: what a perfect DM would return
-                        new_states = replay_batch(check_env, data.task, s0, actions)
+                for _ in range(args.num_iterations if args.rollout_states != "simulator" else 0):
+                    conditioning = actions
+                    if args.rollout_states == "simulator-replay":  # ablation: what a perfect DM would return
+                        new_states = simulator.replay(s0, actions)
                     else:
                         new_states = refine_states(
                             denoiser, dm_normalizer, s0, actions, args.sampler_steps, args.sampler_churn, gen, bf16=dm_bf16
@@ -391,9 +406,15 @@ if __name__ == "__main__":
                     states = 0.5 * (states + new_states) if args.average_with_previous else new_states
                     obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
                     actions = policy(obs.reshape(B_r * L, obs_dim)).reshape(B_r, L, A)
+                if args.stored_actions == "conditioning":  # ablation: the actions the final states came from
+                    actions = conditioning
                 obs = torch.cat([states, context[:, None].expand(B_r, L, -1)], dim=-1)
-                # d. rewards from r_psi; a trajectory ends at its first terminal
-                rewards = reward_model(obs[:, :-1].reshape(-1, obs_dim), actions[:, :-1].reshape(-1, A)).reshape(B_r, L - 1)
+                # d. rewards from r_psi (ablation: the task's true rewards); a trajectory ends at its first terminal
+                if args.rollout_rewards == "simulator":
+                    rewards = true_rewards(data, states, context)
+                else:
+                    flat = obs[:, :-1].reshape(-1, obs_dim), actions[:, :-1].reshape(-1, A)
+                    rewards = reward_model(*flat).reshape(B_r, L - 1)
                 dones = is_terminal(states[:, 1:]).float()
                 alive = alive_mask(dones)
                 scores = (rewards * alive).sum(dim=1)

@@ -34,13 +34,36 @@ def shared_arg_problems(args) -> list[str]:
         problems.append(f"--sampler-steps must be >= 2, got {args.sampler_steps}")
     if args.sampler_churn < 0:
         problems.append(f"--sampler-churn must be >= 0, got {args.sampler_churn}")
-    if args.simulator_states and (not args.dydiff or args.num_iterations == 0):
-        problems.append(
-            "--simulator-states replaces the DM's states, and this run makes none: it needs DyDiff rollouts with "
-            "--num-iterations >= 1"
-        )
+    problems += ablation_problems(args)
     if args.check_trajectories < 0:
         problems.append(f"--check-trajectories must be >= 0 (0: no check), got {args.check_trajectories}")
+    return problems
+
+
+def ablation_problems(args) -> list[str]:
+    """The ablations that swap one of DyDiff's approximations for the real thing, refused where they replace nothing."""
+    problems = []
+    rounds = args.dydiff and args.num_iterations >= 1 and args.rollout_states != "simulator"
+    if not args.dydiff:
+        for flag, value, default in (
+            ("--rollout-states", args.rollout_states, "dm"),
+            ("--stored-actions", args.stored_actions, "relabelled"),
+            ("--rollout-rewards", args.rollout_rewards, "model"),
+        ):
+            if value != default:
+                problems.append(f"{flag} {value} changes DyDiff's rollouts, and --no-dydiff makes none: drop one of the two")
+        return problems
+    if args.rollout_states == "simulator-replay" and args.num_iterations == 0:
+        problems.append(
+            "--rollout-states simulator-replay replaces the DM's states, and --num-iterations 0 samples none: use "
+            "--num-iterations >= 1 (or --rollout-states simulator for rollouts in the simulator itself)"
+        )
+    if args.stored_actions == "conditioning" and not rounds:
+        why = "--rollout-states simulator has no DM rounds" if args.rollout_states == "simulator" else "--num-iterations 0"
+        problems.append(
+            f"--stored-actions conditioning keeps the actions the last DM round was given, and {why}: its actions are "
+            f"already those its states came from (drop the flag)"
+        )
     return problems
 
 

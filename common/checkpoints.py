@@ -243,19 +243,50 @@ def _die_with_parent():
         pass
 
 
+def models_needed(args) -> tuple[str, ...]:
+    """The pretrained models a run's rollouts use: none for the plain base algorithm, and the ablations that take
+    the real simulator's states or rewards (`--rollout-states`, `--rollout-rewards`) drop the models they replace."""
+    if not getattr(args, "dydiff", False):
+        return ()
+    states = getattr(args, "rollout_states", "dm")
+    needed = []
+    if states != "simulator":
+        needed.append("dynamics")  # the first draft
+        if states == "dm" and args.num_iterations >= 1:
+            needed.append("dm")
+    if getattr(args, "rollout_rewards", "model") == "model":
+        needed.append("reward")
+    return tuple(needed)
+
+
+def model_fingerprints(args) -> dict:
+    """{model: the first 16 hex digits of its file's SHA-256} for the pretrained models a run uses."""
+    import hashlib
+
+    folder = models_folder(args.models_dir, args.env_id)
+    out = {}
+    for name in models_needed(args):
+        path = folder / MODEL_FILES[name]
+        if path.exists():
+            out[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return out
+
+
 def load_or_pretrain_models(args, data, device):
-    """DyDiff's three pretrained models for `data`, from {args.models_dir}/{env_id}/, made first if missing.
+    """DyDiff's pretrained models for `data`, from {args.models_dir}/{env_id}/, made first if one the run uses
+    (`models_needed`) is missing.
 
     A missing model is made by running `pretrain_models.py` (with the options of `args.pretrain`) in a subprocess.
-    Returns (denoiser, dm_normalizer, dynamics, reward_model); stops with one message when the models were
-    made for other data or for another rollout length.
+    Returns (denoiser, dm_normalizer, dynamics, reward_model), None for each model the run does not use; stops with
+    one message when the models were made for other data or for another rollout length.
     """
     import shlex
     import subprocess
     import sys
 
+    needed = models_needed(args)
     folder = models_folder(args.models_dir, args.env_id)
-    if not all((folder / f).exists() for f in MODEL_FILES.values()):
+    if not all((folder / MODEL_FILES[name]).exists() for name in needed):
         script = Path(__file__).resolve().parents[1] / "pretrain_models.py"
         cmd = [
             sys.executable,
@@ -281,13 +312,17 @@ def load_or_pretrain_models(args, data, device):
         # which loses nothing (its files are written atomically), and the child dies with this process.
         if subprocess.run(cmd, start_new_session=True, preexec_fn=_die_with_parent).returncode != 0:
             raise SystemExit("pretraining failed; see its message above")
+    denoiser = dm_normalizer = dynamics = reward_model = None
     try:
-        denoiser, dm_normalizer, dm_info = load_dm(folder, data, device)
-        dynamics = load_dynamics(folder, data, device)
-        reward_model = load_reward(folder, data, device)
+        if "dm" in needed:
+            denoiser, dm_normalizer, dm_info = load_dm(folder, data, device)
+        if "dynamics" in needed:
+            dynamics = load_dynamics(folder, data, device)
+        if "reward" in needed:
+            reward_model = load_reward(folder, data, device)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e))
-    if dm_info["horizon"] != args.rollout_length:
+    if "dm" in needed and dm_info["horizon"] != args.rollout_length:
         raise SystemExit(
             f"the DM in {folder} was trained with L={dm_info['horizon']}, not --rollout-length "
             f"{args.rollout_length}; use --rollout-length {dm_info['horizon']} or pretrain with "

@@ -126,7 +126,8 @@ def cpu_command(script: str, env_id: str) -> str:
 
 def rollout_cost_on_cpu(args, denoiser, normalizer, state_dim: int, action_dim: int, script: str) -> str | None:
     """On a CPU, when it comes to an hour or more: the projected time of this run's DM sampling (from sampling
-    2 windows with 2 steps) and the command of the CPU-scale run; else None (and with --simulator-states).
+    2 windows with 2 steps) and the command of the CPU-scale run; else None (and when the run samples nothing from
+    the DM: M = 0, --rollout-states simulator-replay or simulator).
 
     Uses its own random generator, so the run's random draws are the same with or without this measurement.
     """
@@ -136,8 +137,8 @@ def rollout_cost_on_cpu(args, denoiser, normalizer, state_dim: int, action_dim: 
 
     from common.edm import refine_states
 
-    no_dm_sampling = args.num_iterations == 0 or getattr(args, "simulator_states", False)  # the ablation: the simulator
-    if next(denoiser.parameters()).device.type != "cpu" or no_dm_sampling:
+    no_dm_sampling = args.num_iterations == 0 or args.rollout_states != "dm"  # the ablations: the simulator
+    if no_dm_sampling or next(denoiser.parameters()).device.type != "cpu":
         return None
     gen = torch.Generator().manual_seed(0)
     s0 = torch.zeros(2, state_dim)

@@ -525,3 +525,81 @@ def synthetic_data_metrics(data, env, states, actions, rewards, keep, context, r
             }
         )
     return out
+
+
+class BatchedSimulator:
+    """The PointMaze physics stepping a whole batch of states at once in C (`mujoco.rollout`).
+
+    One step is what `env.step` does to one state (gymnasium-robotics point.py, PointEnv.step): the action is
+    clipped to [-1, 1] (after a float32 cast, as the env's action space has it), the velocity to [-5, 5], then
+    one `mj_step` (frame_skip 1); the next state is (qpos, qvel). Walls are the env's own MuJoCo geoms, so contacts
+    are the simulator's. States (x, y, vx, vy) are float64 NumPy arrays; the goal plays no part in the physics.
+    Used by the ablations that replace DyDiff's models by the real dynamics (`--rollout-states`).
+    """
+
+    def __init__(self, env: gym.Env):
+        import mujoco
+        import mujoco.rollout
+
+        self.model = env.unwrapped.point_env.model
+        self._data = mujoco.MjData(self.model)
+        spec = mujoco.mjtState.mjSTATE_FULLPHYSICS
+        if (self.model.nq, self.model.nv, self.model.na) != (2, 2, 0) or mujoco.mj_stateSize(self.model, spec) != 5:
+            raise ValueError("BatchedSimulator expects PointMaze's point mass: qpos (x, y), qvel (vx, vy), no actuator state")
+        self._rollout = mujoco.rollout.Rollout(nthread=0)  # one thread: the training has the other core
+
+    def step(self, states, actions) -> np.ndarray:
+        """Next states [N, 4] (float64) from states [N, 4] and actions [N, 2]."""
+        states = np.asarray(states, dtype=np.float64)
+        # full physics state: (time, qpos, qvel); time does not enter the dynamics
+        initial = np.zeros((len(states), 5))
+        initial[:, 1:3] = states[:, :2]
+        initial[:, 3:5] = np.clip(states[:, 2:4], -5.0, 5.0)  # PointEnv._clip_velocity, before the step
+        control = np.clip(np.asarray(actions, dtype=np.float32), -1.0, 1.0).astype(np.float64)[:, None]
+        out, _ = self._rollout.rollout(self.model, self._data, initial, control, nstep=1)
+        return out[:, 0, 1:5]
+
+    def replay(self, s0, actions):
+        """Open loop: states s_0..s_{L-1} [B, L, 4] from executing actions a_0..a_{L-2} [B, L, 2] from s0 [B, 4].
+
+        Torch in, torch out (s0's dtype and device); state 0 is s0 exactly. What a perfect DM would return.
+        """
+        import torch
+
+        s, a = s0.double().cpu().numpy(), actions.float().cpu().numpy()
+        out = np.empty((a.shape[0], a.shape[1], s.shape[1]))
+        out[:, 0] = s
+        for t in range(a.shape[1] - 1):
+            out[:, t + 1] = self.step(out[:, t], a[:, t])
+        result = torch.as_tensor(out, dtype=s0.dtype, device=s0.device)
+        result[:, 0] = s0
+        return result
+
+    def rollout(self, policy, s0, L: int, context=None):
+        """Closed loop: the policy acting in the real simulator from s0 [B, 4] for L states; the context (goal), if
+        any, rides along for the policy. Returns states [B, L, 4] and actions [B, L, A] (a_t = policy(s_t), the last
+        one included, as DynamicsEnsemble.rollout), as tensors on s0's device: true on-policy rollouts."""
+        import torch
+
+        B = len(s0)
+        states = torch.empty(B, L, s0.shape[1], dtype=s0.dtype, device=s0.device)
+        actions = None
+        s = s0.double().cpu().numpy()
+        for t in range(L):
+            states[:, t] = torch.as_tensor(s, dtype=s0.dtype, device=s0.device) if t else s0
+            obs = states[:, t] if context is None or context.shape[-1] == 0 else torch.cat([states[:, t], context], -1)
+            a = policy(obs)
+            if actions is None:
+                actions = torch.empty(B, L, a.shape[-1], dtype=a.dtype, device=a.device)
+            actions[:, t] = a
+            if t + 1 < L:
+                s = self.step(s, a.float().cpu().numpy())
+        return states, actions
+
+
+def true_rewards(data, states, context):
+    """The task's own reward for each transition of trajectories states [B, L, S] (torch): what the evaluation env
+    pays on arriving at s_{t+1} (sparse or dense, against the fixed goal or each trajectory's goal in `context`);
+    [B, L-1]. What DyDiff's reward model approximates."""
+    goal = data.goal if data.goal is not None else context[:, None, :2]
+    return goal_reward(states[:, 1:, :2], goal, data.dense_reward)

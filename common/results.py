@@ -70,11 +70,16 @@ def arm_name(args: dict) -> str:
     if not args.get("dydiff", True):
         return algo
     m = args.get("num_iterations")
-    if m == 0:
-        return f"{algo} + M=0 (ensemble rollouts)"
-    if args.get("simulator_states"):
-        return f"{algo} + DyDiff (M={m}), simulator states"
-    return f"{algo} + DyDiff (M={m})"
+    states = args.get("rollout_states") or ("simulator-replay" if args.get("simulator_states") else "dm")
+    if states == "simulator":
+        name = f"{algo} + simulator rollouts"
+    elif m == 0:
+        name = f"{algo} + M=0 (ensemble rollouts)"
+    else:
+        name = f"{algo} + DyDiff (M={m})" + (", simulator states" if states == "simulator-replay" else "")
+    if args.get("stored_actions", "relabelled") == "conditioning":
+        name += ", conditioning actions"
+    return name + (", true rewards" if args.get("rollout_rewards", "model") == "simulator" else "")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -122,6 +127,8 @@ def summarize_run(run_dir: Path) -> dict:
         env_id=args.get("env_id"),
         task=task.get("form", ""),
         dataset_ids=task.get("dataset_ids"),
+        data_fingerprint=task.get("fingerprint"),
+        models=task.get("models"),
         seed=args.get("seed"),
         total_steps=args.get("total_steps"),
         finished=result is not None,
@@ -148,6 +155,9 @@ def summarize_run(run_dir: Path) -> dict:
                 "eval_episodes",
                 "models_dir",
                 "dydiff",
+                "rollout_states",
+                "stored_actions",
+                "rollout_rewards",
             )
         },
     )

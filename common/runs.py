@@ -3,7 +3,7 @@
     runs/{env_id}__{exp_name}__{seed}__{time}/
         args.json                 the run's arguments (--resume reads them back)
         task.json                 what it trains on: the task's form (maze2d: fixed-goal or goal-conditioned), dataset
-                                  ids, observation size, fingerprint
+                                  ids, observation size, fingerprint, and the pretrained models it uses (SHA-256)
         metrics.jsonl             one JSON record per logged step
         checkpoint.pt             the training state at the last evaluation (written atomically)
         checkpoint.prev.pt        the one before: --resume falls back on it if checkpoint.pt is damaged
@@ -33,6 +33,7 @@ from common.checkpoints import (
     DamagedFile,
     atomic_save,
     load_checkpoint,
+    model_fingerprints,
     previous,
     remove_stale_temporaries,
     rng_state,
@@ -82,6 +83,8 @@ def resumed_args(args, cls, argv):
         raise SystemExit(f"--resume {run_dir}: no checkpoint.pt there; pass the folder of a run that has evaluated once")
     try:
         saved = json.loads((run_dir / "args.json").read_text())
+        if "simulator_states" in saved:  # a run from before --rollout-states, which replaced that flag
+            saved["rollout_states"] = "simulator-replay" if saved.pop("simulator_states") else "dm"
         resumed = cls(**{**saved, "resume": str(run_dir), "pretrain": PretrainConfig(**saved["pretrain"])})
     except FileNotFoundError:
         raise SystemExit(f"{run_dir / 'args.json'} is missing: the run's arguments are gone, so it cannot be resumed; "
@@ -148,6 +151,8 @@ class Run:
         else:
             name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
             self.dir = Path(args.runs_dir) / name
+            if self.task:  # and the pretrained models it uses, by the SHA-256 of their files
+                self.task = {**self.task, "models": model_fingerprints(args)}
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 self._write_args()

@@ -6,6 +6,7 @@
 #   bash experiments/maze2d_cpu.sh 1              # one lane in the foreground (lane 2's DyDiff runs wait for lane 1's models)
 #   ENV_ID=maze2d-medium RUNS=runs-medium bash experiments/maze2d_cpu.sh
 #   ENV_ID=local/pointmaze/large-v3 RUNS=runs-large-gc bash experiments/maze2d_cpu.sh   # Minari's goal-conditioned task
+#   bash experiments/maze2d_cpu.sh ladder         # the ladder of ablations (README, "Results"), both lanes
 #
 # Logs in $RUNS/lane{1,2}.log. Each lane runs its jobs one after the other with one torch thread, so the two lanes
 # share two cores (two one-thread runs made 1.2x more steps per second in all than one two-thread run). Run it again
@@ -49,15 +50,39 @@ lane2() {
   run base 1 --no-dydiff
   until models_ready; do echo "waiting for lane 1's pretraining ($FOLDER)"; sleep 120; done
   run m0 1 --num-iterations 0; run base 2 --no-dydiff; run base 3 --no-dydiff; run m0 2 --num-iterations 0
-  run simstates 1 --simulator-states  # the ablation: DyDiff with a perfect DM (the real simulator's states)
+  run simstates 1 --rollout-states simulator-replay  # the ablation: DyDiff with a perfect DM (the simulator's states)
+}
+
+# The ladder: DyDiff's approximations swapped for the real thing one at a time (README, "Results"). Rung a needs no
+# pretrained model, so its lane starts at once; the other lane pretrains first.
+SIM=(--rollout-states simulator)
+REPLAY=(--rollout-states simulator-replay)
+ladder1() {
+  run sim-true 1 "${SIM[@]}" --rollout-rewards simulator; run sim-true 2 "${SIM[@]}" --rollout-rewards simulator
+  run sim-true 3 "${SIM[@]}" --rollout-rewards simulator
+  run replay-cond 1 "${REPLAY[@]}" --stored-actions conditioning; run sim-model 3 "${SIM[@]}"
+  run replay-cond 3 "${REPLAY[@]}" --stored-actions conditioning
+}
+
+ladder2() {
+  $PY pretrain_models.py "${PRETRAIN[@]}"
+  run sim-model 1 "${SIM[@]}"; run simstates 2 "${REPLAY[@]}"; run sim-model 2 "${SIM[@]}"
+  run replay-cond 2 "${REPLAY[@]}" --stored-actions conditioning; run simstates 3 "${REPLAY[@]}"
+}
+
+start() {  # start LANE_A LANE_B: both lanes in the background
+  mkdir -p "$OUT"
+  setsid nohup bash "$0" "$1" > "$OUT/$1.log" 2>&1 &
+  setsid nohup bash "$0" "$2" > "$OUT/$2.log" 2>&1 &
+  echo "started; follow with: tail -f $OUT/$1.log $OUT/$2.log"
 }
 
 case "${1:-both}" in
   1) lane1 ;;
   2) lane2 ;;
-  both) mkdir -p "$OUT"
-        setsid nohup bash "$0" 1 > "$OUT/lane1.log" 2>&1 &
-        setsid nohup bash "$0" 2 > "$OUT/lane2.log" 2>&1 &
-        echo "started; follow with: tail -f $OUT/lane1.log $OUT/lane2.log" ;;
-  *) echo "usage: [ENV_ID=...] [RUNS=...] bash $0 [1|2|both]" >&2; exit 2 ;;
+  ladder1) ladder1 ;;
+  ladder2) ladder2 ;;
+  both) start 1 2 ;;
+  ladder) start ladder1 ladder2 ;;
+  *) echo "usage: [ENV_ID=...] [RUNS=...] bash $0 [1|2|both|ladder1|ladder2|ladder]" >&2; exit 2 ;;
 esac
