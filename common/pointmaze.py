@@ -598,8 +598,8 @@ class BatchedSimulator:
 
 
 def true_rewards(data, states, context):
-    """The task's own reward for each transition of trajectories states [B, L, S] (torch): what the evaluation env
-    pays on arriving at s_{t+1} (sparse or dense, against the fixed goal or each trajectory's goal in `context`);
-    [B, L-1]. What DyDiff's reward model approximates."""
+    """The task's own reward for each transition of trajectories states [B, L, S] (torch): what the env pays on
+    arriving at s_{t+1}, sparse or dense, against the goal the dataset's rewards use (the fixed task: the goal cell's
+    centre; goal-conditioned: each trajectory's goal in `context`); [B, L-1]. What DyDiff's reward model learns."""
     goal = data.goal if data.goal is not None else context[:, None, :2]
     return goal_reward(states[:, 1:, :2], goal, data.dense_reward)

@@ -55,14 +55,16 @@ def test_the_cpu_cost_line_names_the_cpu_command_and_draws_no_random_numbers():
         rollout_batch_size=2048,
         sampler_steps=34,
         env_id="maze2d-large",
+        rollout_states="dm",
     )
     state = torch.get_rng_state()
     line = rollout_cost_on_cpu(args, denoiser, normalizer, 4, 2, "dydiff_td3bc.py")
     assert torch.equal(state, torch.get_rng_state())
     assert "h on this CPU" in line and line.endswith("python dydiff_td3bc.py --env-id maze2d-large --preset cpu")
-    args.simulator_states = True  # the ablation samples nothing from the DM
-    assert rollout_cost_on_cpu(args, denoiser, normalizer, 4, 2, "dydiff_td3bc.py") is None
-    args.simulator_states = False
+    for states in ("simulator-replay", "simulator"):  # the ablations sample nothing from the DM
+        args.rollout_states = states
+        assert rollout_cost_on_cpu(args, denoiser, normalizer, 4, 2, "dydiff_td3bc.py") is None
+    args.rollout_states = "dm"
     # one rollout of two windows of a tiny network: far below an hour, nothing to say (even if a busy machine
     # makes the measurement 1000 times slower)
     args.total_steps, args.rollout_batch_size = 500, 2

@@ -60,8 +60,22 @@ def test_arm_names():
     assert results.arm_name(dict(exp_name="dydiff_cql", dydiff=True, num_iterations=2)) == "CQL + DyDiff (M=2)"
     assert results.arm_name(dict(exp_name="dydiff_diffql", dydiff=True, num_iterations=0)).startswith("Diffusion-QL + M=0")
     assert results.arm_name(dict(exp_name="my-run", dydiff=False)) == "my-run"
-    ablation = dict(exp_name="dydiff_td3bc-sim", dydiff=True, num_iterations=1, simulator_states=True)
+    ablation = dict(exp_name="dydiff_td3bc-sim", dydiff=True, num_iterations=1, rollout_states="simulator-replay")
     assert results.arm_name(ablation) == "TD3+BC + DyDiff (M=1), simulator states"
+    # a run from before --rollout-states replaced --simulator-states is the same arm
+    old = dict(exp_name="dydiff_td3bc-sim", dydiff=True, num_iterations=1, simulator_states=True)
+    assert results.arm_name(old) == results.arm_name(ablation)
+    ladder = {
+        "TD3+BC + simulator rollouts, true rewards": dict(rollout_states="simulator", rollout_rewards="simulator"),
+        "TD3+BC + simulator rollouts": dict(rollout_states="simulator", rollout_rewards="model"),
+        "TD3+BC + DyDiff (M=1), simulator states, conditioning actions": dict(
+            rollout_states="simulator-replay", stored_actions="conditioning"
+        ),
+        "TD3+BC + DyDiff (M=1), conditioning actions": dict(rollout_states="dm", stored_actions="conditioning"),
+        "TD3+BC + DyDiff (M=1), true rewards": dict(rollout_rewards="simulator"),
+    }
+    for name, flags in ladder.items():
+        assert results.arm_name(dict(exp_name="dydiff_td3bc", dydiff=True, num_iterations=1, **flags)) == name
     assert results.paper_score("maze2d-large", "fixed-goal", results.arm_name(ablation)) == "—"
     assert results.paper_score("maze2d-medium", "fixed-goal", "CQL + DyDiff (M=1)") == "156 ± 17"
     assert results.paper_score("maze2d-medium", "fixed-goal", "CQL + DyDiff (M=2)") == "—"
