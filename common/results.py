@@ -2,6 +2,7 @@
 
     python -m common.results runs/maze2d-large__* --summaries results/maze2d-large        # summarize the runs
     python -m common.results results/maze2d-large/*.json --plot results/maze2d-large.png  # rebuild from summaries
+    python -m common.results results/maze2d-large/*.json --ladder results/maze2d-large-ladder.png  # the ablations
 
 Each argument is a run folder (what a training script writes: `args.json`, `metrics.jsonl`, and
 `result.json` once it has finished) or a summary JSON written by this command. `--summaries DIR`
@@ -14,7 +15,9 @@ then, for each pair of arms, the difference of the means with Welch's t and a bo
 or `--table FILE`. Runs on the two maze2d tasks (fixed-goal, goal-conditioned) never share a row.
 
 An arm is one algorithm with one setting: the base algorithm (`--no-dydiff`), DyDiff with M
-refinement iterations, or M = 0 (dynamics-ensemble rollouts only).
+refinement iterations, M = 0 (dynamics-ensemble rollouts only), or an ablation (`--rollout-states`,
+`--stored-actions`, `--rollout-rewards`); runs of one arm at different B_r are arms of their own. `--ladder FILE`
+draws the ablations' ladder: each arm's final score and mean of all evaluations, every seed shown, the base as a line.
 """
 
 from __future__ import annotations
@@ -183,10 +186,18 @@ def load(paths) -> list[dict]:
 
 
 def group(summaries: list[dict]) -> dict[tuple, list[dict]]:
-    """(env_id, task, arm) -> that arm's runs, sorted by seed: runs on the two maze2d tasks never share a row."""
+    """(env_id, task, arm) -> that arm's runs, sorted by seed: runs on the two maze2d tasks never share a row. Runs of
+    one arm at different rollout volumes (B_r) are arms of their own, named with their B_r."""
+    volumes: dict[tuple, set] = {}
+    for s in summaries:
+        if s["args"].get("dydiff", True):
+            volumes.setdefault((s["env_id"], s["task"], s["arm"]), set()).add(s["args"].get("rollout_batch_size"))
     groups: dict[tuple, list[dict]] = {}
     for s in summaries:
-        groups.setdefault((s["env_id"], s["task"], s["arm"]), []).append(s)
+        arm = s["arm"]
+        if len(volumes.get((s["env_id"], s["task"], arm), ())) > 1:
+            arm = f"{arm}, B_r {s['args']['rollout_batch_size']:,}"
+        groups.setdefault((s["env_id"], s["task"], arm), []).append(s)
     for runs in groups.values():
         runs.sort(key=lambda s: s["seed"] if s["seed"] is not None else -1)
     return groups
@@ -375,6 +386,65 @@ def plot(summaries: list[dict], path: Path, smooth: int = 1) -> None:
     plt.close(fig)
 
 
+def ladder_rank(arm: str) -> tuple:
+    """Where an arm stands on the ladder from true on-policy rollouts (first) to DyDiff and M = 0 (last)."""
+    states = 0 if "simulator rollouts" in arm else 1 if "simulator states" in arm else 3 if "M=0" in arm else 2
+    volume = int(arm.split("B_r ")[1].replace(",", "")) if "B_r " in arm else 0
+    return (states, "true rewards" not in arm, "conditioning actions" not in arm, volume, arm)
+
+
+def ladder_plot(summaries: list[dict], path: Path) -> None:
+    """The ladder: per (env, task, algorithm) with augmented arms, each arm's final score and mean of all evaluations
+    (every seed a dot, the mean a bar), arms ordered from true on-policy rollouts to DyDiff, the base algorithm as a
+    line (its mean; its seeds' range shaded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {k: [r for r in runs if r["finished"]] for k, runs in group(summaries).items()}
+    panels = []  # (env, task, algo, base runs, [(arm, runs)])
+    for env, task in sorted({(e, t) for e, t, _ in groups}):
+        for algo in sorted({arm.split(" + ")[0] for e, t, arm in groups if (e, t) == (env, task)}):
+            arms = sorted(
+                (
+                    (arm, runs)
+                    for (e, t, arm), runs in groups.items()
+                    if (e, t) == (env, task) and arm.startswith(algo + " + ")
+                ),
+                key=lambda x: ladder_rank(x[0]),
+            )
+            arms = [(arm, runs) for arm, runs in arms if runs]
+            if arms:
+                panels.append((env, task, algo, groups.get((env, task, algo), []), arms))
+    if not panels:
+        raise SystemExit("--ladder: no finished augmented runs among the given ones")
+    scores = (("final normalized score", SCORES["final"]), ("mean of all evaluations", SCORES["mean of all evaluations"]))
+    fig, axes = plt.subplots(
+        len(panels), 2, figsize=(13, 1.2 + 0.55 * max(len(p[4]) for p in panels) * len(panels) + 2), squeeze=False
+    )
+    for row, (env, task, algo, base, arms) in zip(axes, panels):
+        for ax, (what, score) in zip(row, scores):
+            y = list(range(len(arms)))[::-1]
+            for yi, (arm, runs) in zip(y, arms):
+                values = [score(r) for r in runs]
+                ax.barh(yi, sum(values) / len(values), color="tab:blue", alpha=0.35, height=0.6)
+                ax.scatter(values, [yi] * len(values), color="tab:blue", s=18, zorder=3)
+            if base:
+                values = [score(r) for r in base]
+                ax.axvline(sum(values) / len(values), color="black", linewidth=1.2, label=f"{algo} ({len(values)} seeds)")
+                ax.axvspan(min(values), max(values), color="gray", alpha=0.15, linewidth=0)
+                ax.legend(fontsize=8, loc="lower right")
+            ax.set_yticks(y, [f"{arm[len(algo) + 3 :]} ({len(runs)})" for arm, runs in arms], fontsize=8)
+            ax.set_xlabel(what)
+            ax.set_title(f"{env}, {TASK_NAMES.get(task, task)}: {algo} + ...", fontsize=10)
+            ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="run folders and/or summary JSON files")
@@ -382,6 +452,7 @@ def main(argv=None) -> None:
     p.add_argument("--table", type=Path, help="write the Markdown table here (default: print it)")
     p.add_argument("--plot", type=Path, help="write the learning-curve PNG here")
     p.add_argument("--smooth", type=int, default=10, help="the plot's moving average, in evaluations (1: none)")
+    p.add_argument("--ladder", type=Path, help="write the ladder PNG here: each arm's final and mean-of-all score")
     args = p.parse_args(argv)
     if args.smooth < 1:
         p.error(f"--smooth {args.smooth}: give a number of evaluations, at least 1 (1: no moving average)")
@@ -406,6 +477,9 @@ def main(argv=None) -> None:
     if args.plot is not None:
         plot(summaries, args.plot, args.smooth)
         print(f"wrote {args.plot}")
+    if args.ladder is not None:
+        ladder_plot(summaries, args.ladder)
+        print(f"wrote {args.ladder}")
 
 
 if __name__ == "__main__":

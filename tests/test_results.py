@@ -8,8 +8,10 @@ import pytest
 from common import results
 
 
-def fake_run(root, name, seed, scores, dydiff=True, m=1, finished=True, wall=600.0, duplicate_step=None, form="fixed-goal"):
-    """A run folder as a training script leaves it (evaluations every 1000 steps)."""
+def fake_run(
+    root, name, seed, scores, dydiff=True, m=1, finished=True, wall=600.0, duplicate_step=None, form="fixed-goal", **flags
+):
+    """A run folder as a training script leaves it (evaluations every 1000 steps); `flags` override its arguments."""
     run = root / name
     run.mkdir()
     args = dict(
@@ -25,6 +27,7 @@ def fake_run(root, name, seed, scores, dydiff=True, m=1, finished=True, wall=600
         synthetic_buffer_size=62_500,
         real_ratio=0.6,
     )
+    args.update(flags)
     (run / "args.json").write_text(json.dumps(args))
     rows = []
     for i, score in enumerate(scores):
@@ -215,3 +218,32 @@ def test_the_comparison_table(runs):
     final = next(r for r in rows if "| final |" in r)
     # base finals 10, 20, 30 vs DyDiff 4, 8, 12: +12.0, t = 12 / sqrt(100/3 + 16/3)
     assert "| TD3+BC vs TD3+BC + DyDiff (M=1) | final | +12.0 | +1.93 (" in final
+
+
+def test_the_ladder_orders_the_ablations_and_splits_rollout_volumes(runs, tmp_path):
+    root = runs[0][0].parent
+    sim = dict(rollout_states="simulator")
+    fake_run(root, "simtrue1", 1, [50.0] * 6, rollout_rewards="simulator", **sim)
+    fake_run(root, "simmodel1", 1, [40.0] * 6, **sim)
+    fake_run(root, "simmodel-big1", 1, [45.0] * 6, rollout_batch_size=2048, synthetic_buffer_size=2_000_000, **sim)
+    fake_run(root, "replay1", 1, [30.0] * 6, rollout_states="simulator-replay")
+    fake_run(root, "replaycond1", 1, [35.0] * 6, rollout_states="simulator-replay", stored_actions="conditioning")
+    summaries = results.load(sorted(root.iterdir()))
+    arms = {arm for _, _, arm in results.group(summaries)}
+    # one arm at two rollout volumes: two arms, named by B_r; the others keep their names
+    assert {"TD3+BC + simulator rollouts, B_r 64", "TD3+BC + simulator rollouts, B_r 2,048"} <= arms
+    assert "TD3+BC + DyDiff (M=1)" in arms and "TD3+BC + simulator rollouts" not in arms
+    ladder = sorted((a for a in arms if a.startswith("TD3+BC + ")), key=results.ladder_rank)
+    assert ladder == [
+        "TD3+BC + simulator rollouts, true rewards",
+        "TD3+BC + simulator rollouts, B_r 64",
+        "TD3+BC + simulator rollouts, B_r 2,048",
+        "TD3+BC + DyDiff (M=1), simulator states, conditioning actions",
+        "TD3+BC + DyDiff (M=1), simulator states",
+        "TD3+BC + DyDiff (M=1)",
+        "TD3+BC + M=0 (ensemble rollouts)",
+    ]
+    results.main([str(p) for p in sorted(root.iterdir())] + ["--ladder", str(tmp_path / "ladder.png")])
+    assert (tmp_path / "ladder.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="no finished augmented runs"):
+        results.ladder_plot([s for s in summaries if not s["args"]["dydiff"]], tmp_path / "none.png")
