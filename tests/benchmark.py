@@ -67,7 +67,8 @@ class Args:
     cuda: bool = True
     """use the GPU when there is one"""
     sections: tuple[str, ...] = ("forward", "sampler", "rollout", "update", "projection", "denoisers")
-    """what to measure (projection needs rollout and update); also evaluation and ensemble, not run by default"""
+    """what to measure (projection needs rollout and update); also evaluation, ensemble and simulator, not run by
+    default"""
     dm_dim: Optional[int] = None
     """U-Net width (default: by --size)"""
     dm_dim_mults: Optional[tuple[int, ...]] = None
@@ -477,6 +478,50 @@ def bench_evaluation(args, device, results):
     envs.close()
 
 
+def bench_simulator(args, device, results):
+    """The real PointMaze dynamics of the ablations (--rollout-states): one env step after another in Python (the
+    checks' replay_actions) vs the whole batch per step in C (BatchedSimulator); and a closed-loop rollout of B_r."""
+    from common.envs import replay_actions
+    from common.pointmaze import BatchedSimulator, make_eval_env
+
+    env = make_eval_env(args.eval_maze)
+    sim = BatchedSimulator(env)
+    B, L = args.rollout_batch_size, args.rollout_length
+    gen = torch.Generator().manual_seed(0)
+    s0 = torch.cat([torch.rand(B, 2, generator=gen) * 2 - 1, torch.zeros(B, 2)], 1)  # near the maze's centre
+    actions = torch.rand(B, L, 2, generator=gen) * 2 - 1
+    loop_n = min(B, 16)
+    t_loop = timed(
+        lambda: [replay_actions(env, "pointmaze", s, a) for s, a in zip(s0[:loop_n].numpy(), actions.numpy())],
+        torch.device("cpu"),
+        args.repeats,
+    )
+    t_batch = timed(lambda: sim.replay(s0, actions), torch.device("cpu"), args.repeats)
+    actor = Actor(4, A, 1.0).to(device).eval()
+    s0_dev = s0.to(device)
+    with torch.no_grad():
+        t_closed = timed(lambda: sim.rollout(actor, s0_dev, L), device, args.repeats)
+    per_loop, per_batch = t_loop / (loop_n * (L - 1)), t_batch / (B * (L - 1))
+    table(
+        f"Real PointMaze dynamics (maze2d-{args.eval_maze}), B_r {B}, L {L}",
+        ["what", "s", "us per state step"],
+        [
+            [f"replay, Python loop of env.step ({loop_n} trajectories)", f"{t_loop:.3f}", f"{per_loop * 1e6:.1f}"],
+            ["replay, BatchedSimulator (mujoco.rollout)", f"{t_batch:.3f}", f"{per_batch * 1e6:.1f}"],
+            [
+                "closed-loop rollout with a TD3+BC actor (--rollout-states simulator)",
+                f"{t_closed:.3f}",
+                f"{t_closed / (B * (L - 1)) * 1e6:.1f}",
+            ],
+            ["speed-up of the batched replay", f"{per_loop / per_batch:.1f}x", ""],
+        ],
+    )
+    results["simulator"] = dict(
+        loop_us_per_step=per_loop * 1e6, batched_us_per_step=per_batch * 1e6, closed_loop_rollout_s=t_closed
+    )
+    env.close()
+
+
 def predict_all_members(dynamics, s, a, deterministic, generator):
     """EnsembleDynamics.predict as it was before computing the elites only: every member, then a pick per row."""
     mean, logvar = dynamics(s, a)
@@ -693,6 +738,8 @@ def main(args: Args):
         bench_evaluation(args, device, results)
     if "ensemble" in args.sections:
         bench_ensemble(args, device, results)
+    if "simulator" in args.sections:
+        bench_simulator(args, device, results)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
         print(f"\nfigures written to {args.json_out}")

@@ -48,6 +48,7 @@ def test_benchmark_reports_every_section(tmp_path):
         "projection",
         "evaluation",
         "ensemble",
+        "simulator",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -77,3 +78,4 @@ def test_benchmark_reports_every_section(tmp_path):
     # The before/after pairs compute the same thing: only their times may differ.
     assert r["evaluation"]["same_returns"] is True and r["evaluation"]["vectorized_s"] > 0
     assert all(r["ensemble"][k]["same_output"] is True for k in ("sampled", "deterministic"))
+    assert all(v > 0 for v in r["simulator"].values())
