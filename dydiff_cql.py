@@ -29,7 +29,7 @@ from common.config import PretrainConfig, rollout_cost_on_cpu
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import refine_states
 from common.envs import evaluate, numpy_policy, termination_fn
-from common.pointmaze import BatchedSimulator, maze_picture, synthetic_data_metrics, true_rewards
+from common.pointmaze import BatchedSimulator, true_rewards
 from common.runs import Run, parse_args
 
 
@@ -542,27 +542,9 @@ if __name__ == "__main__":
                     dones[keep].flatten(),
                     valid=alive[keep].flatten().bool(),
                 )
-            rollout_metrics = {  # reading these waits for the rollout to finish, so the time below is true
-                "dydiff/kept_fraction": len(keep) / B_r,
-                "dydiff/return_kept": scores[keep].mean().item(),
-                "dydiff/return_all": scores.mean().item(),
-                "dydiff/synthetic_buffer_size": synthetic.size,
-                "dydiff/terminal_fraction": dones.amax(1).mean().item(),
-            }
-            rollout_metrics["dydiff/rollout_time"] = time.time() - t0
-            if check_env is not None:  # what the kept trajectories carry (goal reached?), and the real simulator's say
-                t0 = time.time()
-                rollout_metrics.update(
-                    synthetic_data_metrics(
-                        data, check_env, states, actions, rewards, keep, context, args.check_trajectories, global_step
-                    )
-                )
-                rollout_metrics["dydiff/check_time"] = time.time() - t0
-            picture = None
-            if data.task == "pointmaze" and (global_step % args.eval_freq == 0 or global_step == run.start_step):
-                picture = run.dir / f"synthetic_trajectories_{global_step:07d}.png"
-                rollout_metrics["dydiff/wall_crossing_share"] = maze_picture(data, states, keep, picture)
-            run.log(rollout_metrics, global_step, picture)
+            # what the synthetic data carry, and on PointMaze the real simulator's say (measured, not used)
+            rollout = (states, actions, rewards, scores, dones, keep, context)
+            run.log_rollout(global_step, t0, rollout, data, check_env, synthetic, args.check_trajectories, args.eval_freq)
         # ---- end of the DyDiff rollout step ----
 
         # CQL update

@@ -252,6 +252,41 @@ class Run:
                 metrics = dict(metrics, **{"dydiff/trajectories": wandb.Image(str(picture))})
             self.wandb.log(metrics, step=step)
 
+    def log_rollout(self, step, t0, rollout, data, check_env, synthetic, check_trajectories=64, picture_every=None):
+        """Log one DyDiff rollout step (its measurements only; nothing here changes the training).
+
+        `rollout` = (states, actions, rewards, scores, dones, keep, context), as the scripts' rollout step names them.
+        The rollout's own figures (kept fraction, predicted returns, buffer size, terminals) and its time since `t0`
+        (read after them, so it includes the device's work); on PointMaze (`check_env` given), what the kept
+        trajectories carry against the real simulator (common.pointmaze.synthetic_data_metrics, on up to
+        `check_trajectories` of them) and, every `picture_every` steps and at the run's first step, a picture of them
+        over the maze with the share through a wall.
+        """
+        import time
+
+        from common.pointmaze import maze_picture, synthetic_data_metrics
+
+        states, actions, rewards, scores, dones, keep, context = rollout
+        metrics = {
+            "dydiff/kept_fraction": len(keep) / len(scores),
+            "dydiff/return_kept": scores[keep].mean().item(),
+            "dydiff/return_all": scores.mean().item(),
+            "dydiff/synthetic_buffer_size": synthetic.size,
+            "dydiff/terminal_fraction": dones.amax(1).mean().item(),
+        }
+        metrics["dydiff/rollout_time"] = time.time() - t0
+        picture = None
+        if check_env is not None:
+            t0 = time.time()
+            metrics.update(
+                synthetic_data_metrics(data, check_env, states, actions, rewards, keep, context, check_trajectories, step)
+            )
+            metrics["dydiff/check_time"] = time.time() - t0
+            if picture_every and (step % picture_every == 0 or step == self.start_step):
+                picture = self.dir / f"synthetic_trajectories_{step:07d}.png"
+                metrics["dydiff/wall_crossing_share"] = maze_picture(data, states, keep, picture)
+        self.log(metrics, step, picture)
+
     def evaluated(self, scores, step, d4rl_scores=None):
         """Record an evaluation's normalized scores (one per episode; `d4rl_scores`: the same on D4RL maze2d-v1's
         scale, or None), print it, and write the checkpoint."""
