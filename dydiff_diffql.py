@@ -1,4 +1,4 @@
-# Docs: README.md, section "dydiff_diffql.py"
+# Docs: docs/scripts.md, section "dydiff_diffql.py"
 """Diffusion-QL (Wang, Hunt & Zhou, 2022) with DyDiff data augmentation (arXiv 2405.19189, Algorithm 1), offline.
 
 The policy is a 5-step VP diffusion model over actions (noise-prediction MLP, Mish), trained with the
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from common.args import shared_arg_problems
 from common.buffer import SyntheticBuffer
 from common.checkpoints import load_or_pretrain_models
-from common.config import PretrainConfig, rollout_cost_on_cpu
+from common.config import PretrainConfig, cpu_cost_line
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import refine_states
 from common.envs import evaluate, numpy_policy, termination_fn
@@ -86,7 +86,7 @@ class Args:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     """the models' options when they must be made first (`--pretrain.dm-dim 32`, ...; as pretrain_models.py's)"""
     preset: Literal["paper", "cpu"] = "paper"
-    """named configuration (README, "Presets"): paper = the paper's settings (GPU); cpu = a run two CPU cores
+    """named configuration (docs/scripts.md, "Presets"): paper = the paper's settings (GPU); cpu = a run two CPU cores
     finish in about an hour, with CPU-size models in models-cpu/; flags on the command line win over it"""
 
     # Diffusion-QL (Wang, Hunt & Zhou 2022)
@@ -160,7 +160,7 @@ class Args:
     check_trajectories: int = 64
     """PointMaze: kept synthetic trajectories per rollout replayed in the real simulator to check them (0: none)"""
     # Ablations (PointMaze): each swaps one of DyDiff's approximations for the real thing. They read the real
-    # simulator, so a run with one is no longer offline RL (README, "Ablations").
+    # simulator, so a run with one is no longer offline RL (docs/scripts.md, "Ablations").
     rollout_states: Literal["dm", "simulator-replay", "simulator"] = "dm"
     """dm = DyDiff; simulator-replay = each DM round is the simulator replaying the actions from s_0 (a perfect DM);
     simulator = the policy acting in the simulator from s_0 (true on-policy rollouts: no ensemble, no DM)"""
@@ -491,10 +491,10 @@ if __name__ == "__main__":
                 f"--rollout-states/--rollout-rewards simulator need the PointMaze simulator; {args.env_id} is not PointMaze"
             )
         simulator = BatchedSimulator(check_env) if args.rollout_states != "dm" else None  # the ablations' real dynamics
+        if device.type == "cpu" and (cost := cpu_cost_line(args, S, A, os.path.basename(__file__))):
+            print(cost)  # before any pretraining: a paper-size run on a CPU takes days
         # the models this run's rollouts use (None for those an ablation replaces)
         denoiser, dm_normalizer, dynamics, reward_model = load_or_pretrain_models(args, data, device)
-        if cost := rollout_cost_on_cpu(args, denoiser, dm_normalizer, S, A, os.path.basename(__file__)):
-            print(cost)
         if args.compile_dm and denoiser is not None:
             denoiser = torch.compile(denoiser)
         is_terminal = termination_fn(data.task)

@@ -1,4 +1,4 @@
-# Docs: README.md, section "Pretrained models"
+# Docs: docs/pretrained-models.md
 """Pretrain DyDiff's three models for one dataset, then measure them (paper §4.1-4.2, Appendix C).
 
 1. the EDM trajectory denoiser D_theta over windows [B, L, S+A] (Eq. 2-4), with an EMA copy;
@@ -57,7 +57,7 @@ class Args(PretrainConfig):
     """The model options (DM, dynamics ensemble, reward model, report) come from common.config.PretrainConfig."""
 
     preset: Literal["paper", "cpu"] = "paper"
-    """named configuration (see README, "Presets"): paper = the paper's sizes (GPU); cpu = what 2 CPU cores
+    """named configuration (see docs/scripts.md, "Presets"): paper = the paper's sizes (GPU); cpu = what 2 CPU cores
     train in about half an hour (into models-cpu/); flags given on the command line win over the preset"""
     exp_name: str = "pretrain"
     """the name of this experiment"""
@@ -89,6 +89,8 @@ class Args(PretrainConfig):
     """continue an interrupted pretraining (models already finished are kept)"""
     rollout_length: int = 100
     """L: length of the trajectory windows the DM generates"""
+    models: tuple[Literal["dm", "dynamics", "reward"], ...] = ("dm", "dynamics", "reward")
+    """the models to make (a training script asks for those its run uses); the model report needs all three"""
     dm_bf16: bool = True
     """train (and sample, in the report) the DM in bfloat16 autocast on a GPU, as the training scripts sample it"""
 
@@ -685,7 +687,9 @@ if __name__ == "__main__":
     dynamics = EnsembleDynamics(
         S, data.action_dim, num_members=args.dyn_members, num_elites=args.dyn_elites, hidden=args.dyn_hidden
     ).to(device)
-    if finished("dynamics"):
+    if "dynamics" not in args.models:
+        pass
+    elif finished("dynamics"):
         dynamics = load_dynamics(folder, data, device)
         print("dynamics ensemble: already trained, kept")
     else:
@@ -708,7 +712,9 @@ if __name__ == "__main__":
     # 2. Reward model r(s, a) on full RL observations
     t0 = time.time()
     reward_model = RewardModel(data.obs_dim, data.action_dim).to(device)
-    if finished("reward"):
+    if "reward" not in args.models:
+        pass
+    elif finished("reward"):
         reward_model = load_reward(folder, data, device)
         print("reward model: already trained, kept")
     else:
@@ -729,7 +735,9 @@ if __name__ == "__main__":
 
     # 3. Diffusion model
     t0 = time.time()
-    if finished("dm"):
+    if "dm" not in args.models:
+        pass
+    elif finished("dm"):
         denoiser, normalizer, _ = load_dm(folder, data, device)
         print("diffusion model: already trained, kept")
     else:
@@ -738,6 +746,13 @@ if __name__ == "__main__":
         except FloatingPointError as e:
             raise SystemExit(f"{e}; the last good checkpoint, {folder / 'dm_train.pt'}, is kept (if any)")
         timings["dm_s"] = time.time() - t0
+
+    if set(args.models) != set(MODEL_FILES):
+        print(f"made {', '.join(sorted(set(args.models)))} in {folder}; the model report needs all three models")
+        print(f"timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
+        if wandb_run is not None:
+            wandb_run.finish()
+        raise SystemExit(0)
 
     # 4. Report
     t0 = time.time()

@@ -299,6 +299,8 @@ def load_or_pretrain_models(args, data, device):
             str(args.dataset_steps),
             "--rollout-length",
             str(args.rollout_length),
+            "--models",
+            *needed,  # only those this run uses (an ablation's run may need no DM)
             *args.pretrain.flags(),
             # the report measures the DM with the sampler this run uses, on its device
             "--sampler-steps",

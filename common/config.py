@@ -124,36 +124,65 @@ def cpu_command(script: str, env_id: str) -> str:
     return f"python {script} --env-id {env_id} --preset cpu"
 
 
-def rollout_cost_on_cpu(args, denoiser, normalizer, state_dim: int, action_dim: int, script: str) -> str | None:
-    """On a CPU, when it comes to an hour or more: the projected time of this run's DM sampling (from sampling
-    2 windows with 2 steps) and the command of the CPU-scale run; else None (and when the run samples nothing from
-    the DM: M = 0, --rollout-states simulator-replay or simulator).
+def cpu_cost_line(args, state_dim: int, action_dim: int, script: str) -> str | None:
+    """Before anything is pretrained or trained, on a CPU: when the run's DM work comes to an hour or more, one line
+    with its projected time (pretraining the DM, if {models_dir}/{env_id}/dm.pt is missing, and the DM sampling of
+    its rollouts) and the command of the CPU-scale run; else None. Both are measured on 2 windows of a DM of the
+    configured shape (its weights do not change the cost) and scaled: about, not exact. Runs that sample nothing
+    from the DM (--no-dydiff, M = 0, --rollout-states simulator-replay or simulator): None.
 
-    Uses its own random generator, so the run's random draws are the same with or without this measurement.
+    Leaves every random state as it was, so the run's draws are the same with or without this measurement.
     """
     import time
 
     import torch
 
-    from common.edm import refine_states
+    from common.checkpoints import models_folder
+    from common.edm import MinMaxNormalizer, build_denoiser, edm_loss, refine_states
 
-    no_dm_sampling = args.num_iterations == 0 or args.rollout_states != "dm"  # the ablations: the simulator
-    if no_dm_sampling or next(denoiser.parameters()).device.type != "cpu":
+    if not args.dydiff or args.num_iterations == 0 or args.rollout_states != "dm":
         return None
-    gen = torch.Generator().manual_seed(0)
-    s0 = torch.zeros(2, state_dim)
-    actions = torch.zeros(2, args.rollout_length, action_dim)
-    refine_states(denoiser, normalizer, s0, actions, 2, 0.0, gen)  # warm-up
-    t0 = time.perf_counter()
-    refine_states(denoiser, normalizer, s0, actions, 2, 0.0, gen)  # 3 network evaluations of 2 windows
-    per_window_eval = (time.perf_counter() - t0) / (2 * 3)
+    c, L = args.pretrain, args.rollout_length
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        denoiser = build_denoiser(
+            state_dim,
+            action_dim,
+            dim=c.dm_dim,
+            dim_mults=tuple(c.dm_dim_mults),
+            sigma_data=c.sigma_data,
+            full_res_skip=c.dm_full_res_skip,
+            padding_mode=c.dm_padding,
+            cond_channels=c.dm_cond_channels,
+            relative_states=c.dm_relative_states,
+            position_channels=c.dm_position_channels,
+        )
+        gen = torch.Generator().manual_seed(0)
+        normalizer = MinMaxNormalizer(-torch.ones(state_dim + action_dim), torch.ones(state_dim + action_dim))
+        s0, actions = torch.zeros(2, state_dim), torch.zeros(2, L, action_dim)
+        with torch.no_grad():
+            refine_states(denoiser, normalizer, s0, actions, 2, 0.0, gen)  # warm-up
+            t0 = time.perf_counter()
+            refine_states(denoiser, normalizer, s0, actions, 2, 0.0, gen)  # 3 network evaluations of 2 windows
+        per_window_eval = (time.perf_counter() - t0) / (2 * 3)
+        train_hours = 0.0
+        if not (models_folder(args.models_dir, args.env_id) / "dm.pt").exists():
+            x0 = torch.zeros(2, L, state_dim + action_dim)
+            cond = torch.zeros(L, state_dim + action_dim, dtype=torch.bool)
+            cond[0, :state_dim], cond[:, state_dim:] = True, True
+            edm_loss(denoiser, x0, cond, generator=gen).backward()  # warm-up
+            t0 = time.perf_counter()
+            edm_loss(denoiser, x0, cond, generator=gen).backward()
+            train_hours = (time.perf_counter() - t0) / 2 * c.dm_batch_size * c.dm_steps / 3600
     rollouts = -(-args.total_steps // args.rollout_freq)
     evals = args.rollout_batch_size * (2 * args.sampler_steps - 1) * args.num_iterations
-    hours = rollouts * evals * per_window_eval / 3600
-    if hours < 1:
+    sample_hours = rollouts * evals * per_window_eval / 3600
+    if train_hours + sample_hours < 1:
         return None
+    parts = f"pretraining the DM {train_hours:,.1f} h, then " if train_hours else ""
+    advice = "" if args.preset == "cpu" else f". A run sized for two CPU cores: {cpu_command(script, args.env_id)}"
     return (
-        f"no GPU: the DM sampling of this run ({rollouts:,} rollout steps of {args.rollout_batch_size:,} windows) "
-        f"will take about {hours:,.1f} h on this CPU (measured; the updates come on top). A run sized for two "
-        f"CPU cores: {cpu_command(script, args.env_id)}"
+        f"no GPU: this run's DM work takes about {train_hours + sample_hours:,.1f} h on this CPU ({parts}the DM "
+        f"sampling of {rollouts:,} rollout steps of {args.rollout_batch_size:,} windows {sample_hours:,.1f} h; measured "
+        f"on 2 windows; the updates come on top){advice}"
     )

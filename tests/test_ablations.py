@@ -268,3 +268,14 @@ def test_a_run_from_before_rollout_states_resumes_as_its_ablation(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     args = resumed_args(Args(resume=str(tmp_path)), Args, ["--resume", str(tmp_path)])
     assert args.rollout_states == "simulator-replay" and args.stored_actions == "relabelled"
+
+
+def test_a_run_pretrains_only_the_models_it_uses(tmp_path):
+    """Real rollouts with the reward model: the missing models are made first, the reward model alone."""
+    models = tmp_path / "models"
+    flags = ("--exp-name", "dydiff_td3bc-simmodel", "--rollout-states", "simulator", *FLAGS)
+    out = run_script("dydiff_td3bc.py", *tiny("dydiff_td3bc.py", models, tmp_path, *flags))
+    assert sorted(p.name for p in (models / "maze2d-umaze").glob("*.pt")) == ["reward.pt"]
+    assert "the model report needs all three models" in out.stdout
+    run_dir = next(tmp_path.glob("*-simmodel__*"))
+    assert set(json.loads((run_dir / "task.json").read_text())["models"]) == {"reward"}

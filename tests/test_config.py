@@ -8,8 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from common.config import PRESETS, PretrainConfig, apply_preset, rollout_cost_on_cpu
-from common.edm import MinMaxNormalizer, build_denoiser
+from common.config import PRESETS, PretrainConfig, apply_preset, cpu_cost_line
 from common.runs import Run, parse_args
 from dydiff_td3bc import Args
 
@@ -43,32 +42,48 @@ def test_pretrain_flags_are_the_values_that_differ_from_the_defaults():
     assert "--reward-steps" not in flags  # 20,000 is the default too
 
 
-def test_the_cpu_cost_line_names_the_cpu_command_and_draws_no_random_numbers():
-    denoiser = build_denoiser(4, 2, dim=8, dim_mults=(1, 2)).eval()
-    normalizer = MinMaxNormalizer(-torch.ones(6), torch.ones(6))
-    args = SimpleNamespace(
+def cost_args(models_dir, **kw):
+    """A paper-size run's arguments, as cpu_cost_line reads them (a tiny DM shape, so that measuring is quick)."""
+    base = dict(
         preset="paper",
+        dydiff=True,
         num_iterations=1,
+        rollout_states="dm",
         rollout_length=16,
         total_steps=10**9,
         rollout_freq=500,
         rollout_batch_size=2048,
         sampler_steps=34,
         env_id="maze2d-large",
-        rollout_states="dm",
+        models_dir=str(models_dir),
+        pretrain=PretrainConfig(dm_dim=8, dm_dim_mults=(1, 2)),
     )
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_the_cpu_cost_line_comes_before_pretraining_names_the_cpu_command_and_draws_no_random_numbers(tmp_path):
+    args = cost_args(tmp_path)
     state = torch.get_rng_state()
-    line = rollout_cost_on_cpu(args, denoiser, normalizer, 4, 2, "dydiff_td3bc.py")
+    line = cpu_cost_line(args, 4, 2, "dydiff_td3bc.py")
     assert torch.equal(state, torch.get_rng_state())
-    assert "h on this CPU" in line and line.endswith("python dydiff_td3bc.py --env-id maze2d-large --preset cpu")
-    for states in ("simulator-replay", "simulator"):  # the ablations sample nothing from the DM
-        args.rollout_states = states
-        assert rollout_cost_on_cpu(args, denoiser, normalizer, 4, 2, "dydiff_td3bc.py") is None
-    args.rollout_states = "dm"
-    # one rollout of two windows of a tiny network: far below an hour, nothing to say (even if a busy machine
-    # makes the measurement 1000 times slower)
-    args.total_steps, args.rollout_batch_size = 500, 2
-    assert rollout_cost_on_cpu(args, denoiser, normalizer, 4, 2, "dydiff_td3bc.py") is None
+    assert line.startswith("no GPU: this run's DM work takes about") and "pretraining the DM" in line
+    assert line.endswith(". A run sized for two CPU cores: python dydiff_td3bc.py --env-id maze2d-large --preset cpu")
+    # a DM made already: its sampling alone
+    (tmp_path / "maze2d-large").mkdir()
+    (tmp_path / "maze2d-large" / "dm.pt").write_bytes(b"")
+    line = cpu_cost_line(args, 4, 2, "dydiff_td3bc.py")
+    assert "pretraining" not in line and "the DM sampling of 2,000,000 rollout steps of 2,048 windows" in line
+    assert "A run sized" not in cpu_cost_line(cost_args(tmp_path, preset="cpu"), 4, 2, "dydiff_td3bc.py")
+    # runs that sample nothing from the DM have nothing to say
+    for kw in (
+        dict(rollout_states="simulator-replay"),
+        dict(rollout_states="simulator"),
+        dict(num_iterations=0),
+        dict(dydiff=False),
+    ):
+        assert cpu_cost_line(cost_args(tmp_path, **kw), 4, 2, "dydiff_td3bc.py") is None
+    # one rollout of two windows of a tiny network, the DM made: far below an hour (even 1000 times slower)
+    assert cpu_cost_line(cost_args(tmp_path, total_steps=500, rollout_batch_size=2), 4, 2, "dydiff_td3bc.py") is None
 
 
 def steps_of(total_steps, preset, on_cpu, capsys, dydiff=True):
