@@ -3,7 +3,7 @@
 The ensemble is MBPO's probabilistic ensemble (Janner et al. 2019): E Gaussian MLPs on z-scored
 inputs predicting the z-scored state change, trained with a Gaussian NLL, elites chosen on a held-out
 split, each prediction drawn from a uniformly random elite. It models only the *physical* state; a task
-context (PointMaze's goal) is appended only when the policy is called (README: "What a loaded dataset holds").
+context (PointMaze's goal) is appended only when the policy is called (docs/datasets.md: "What a loaded dataset holds").
 
     model = EnsembleDynamics(state_dim, action_dim)
     report = model.fit(states, actions, next_states)             # numpy or tensors

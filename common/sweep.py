@@ -3,7 +3,7 @@
     python -m common.sweep --algo dydiff_td3bc --env-id maze2d-umaze --seed 1 --dydiff true   # one run
     python -m common.sweep --list [--shard K/N]                                               # the grid's commands
 
-A W&B sweep agent calls the first form (see README, "Running many seeds and tasks"); --list prints one
+A W&B sweep agent calls the first form (see docs/many-seeds.md); --list prints one
 shell command per grid point, optionally only shard K of N, for machines without W&B.
 """
 

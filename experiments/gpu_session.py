@@ -1,4 +1,4 @@
-# Docs: README.md, sections "Install on a GPU machine without internet" and "Performance" ("GPU")
+# Docs: docs/install-gpu-offline.md and docs/performance.md ("GPU")
 """A short GPU session as one command: install, GPU tests, benchmark, a short paper-size run, kill and resume, report.
 
     python3 experiments/gpu_session.py --out gpu-report          # on a GPU node, with wheels-gpu/ next to the code

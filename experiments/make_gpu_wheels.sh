@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The wheels a GPU node without internet lacks for this project, in one small folder (README, "Install on a
-# GPU machine without internet"). Run it on any machine that reaches PyPI:
+# The wheels a GPU node without internet lacks for this project, in one small folder (docs/install-gpu-offline.md).
+# Run it on any machine that reaches PyPI:
 #
 #   bash experiments/make_gpu_wheels.sh                 # -> wheels-gpu/ for CPython 3.12, manylinux x86-64
 #   PYVER=3.11 ARCH=aarch64 bash experiments/make_gpu_wheels.sh wheels-gpu-arm

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# TD3+BC on a maze2d task, three arms x three seeds, at a scale two CPU cores can run (README, "Results"), and one
+# TD3+BC on a maze2d task, three arms x three seeds, at a scale two CPU cores can run (docs/results.md), and one
 # run of the ablation that gives DyDiff a perfect DM (--simulator-states).
 #
 #   bash experiments/maze2d_cpu.sh                # maze2d-large (D4RL's fixed-goal task), both lanes in the background
 #   bash experiments/maze2d_cpu.sh 1              # one lane in the foreground (lane 2's DyDiff runs wait for lane 1's models)
 #   ENV_ID=maze2d-medium RUNS=runs-medium bash experiments/maze2d_cpu.sh
 #   ENV_ID=local/pointmaze/large-v3 RUNS=runs-large-gc bash experiments/maze2d_cpu.sh   # Minari's goal-conditioned task
-#   bash experiments/maze2d_cpu.sh ladder         # the ladder of ablations (README, "Results"), both lanes
+#   bash experiments/maze2d_cpu.sh ladder         # the ladder of ablations (docs/results.md), both lanes
 #
 # Logs in $RUNS/lane{1,2}.log. Each lane runs its jobs one after the other with one torch thread, so the two lanes
 # share two cores (two one-thread runs made 1.2x more steps per second in all than one two-thread run). Run it again
@@ -19,7 +19,7 @@ OUT=${RUNS:-runs-large}
 MODELS=${MODELS:-models-cpu}
 export OMP_NUM_THREADS=1 DYDIFF_OFFLINE=1
 
-# The CPU configuration of the models (README, "Presets"); both tasks of one dataset share the DM and the ensemble.
+# The CPU configuration of the models (docs/scripts.md, "Presets"); both tasks of one dataset share the DM and the ensemble.
 PRETRAIN=(--env-id "$ENV_ID" --preset cpu --models-dir "$MODELS")
 # Paper (Table 4 / CORL): 1M steps, evaluation every 5k, B_r 2048 every 500 steps, a 2M-transition buffer.
 RUN=(--env-id "$ENV_ID" --models-dir "$MODELS" --total-steps 200000 --eval-freq 1000 --eval-episodes 10
@@ -53,7 +53,7 @@ lane2() {
   run simstates 1 --rollout-states simulator-replay  # the ablation: DyDiff with a perfect DM (the simulator's states)
 }
 
-# The ladder: DyDiff's approximations swapped for the real thing one at a time (README, "Results"). Rung a needs no
+# The ladder: DyDiff's approximations swapped for the real thing one at a time (docs/results.md). Rung a needs no
 # pretrained model, so its lane starts at once; the other lane pretrains first.
 SIM=(--rollout-states simulator)
 REPLAY=(--rollout-states simulator-replay)
@@ -65,7 +65,7 @@ ladder1() {
 }
 
 ladder2() {
-  $PY pretrain_models.py "${PRETRAIN[@]}"
+  $PY pretrain_models.py "${PRETRAIN[@]}" --models dynamics reward  # the ladder uses no DM
   run sim-model 1 "${SIM[@]}"; run simstates 2 "${REPLAY[@]}"; run sim-model 2 "${SIM[@]}"
   run replay-cond 2 "${REPLAY[@]}" --stored-actions conditioning; run simstates 3 "${REPLAY[@]}"
 }

@@ -1,4 +1,4 @@
-# Docs: README.md, section "Performance"
+# Docs: docs/performance.md
 """Speed of DyDiff's parts, printed as tables: denoiser, sampler, rollout step, TD3+BC update, whole-run projection.
 
     python tests/benchmark.py                # small sizes on CPU, the paper's sizes on a GPU (--size picks)
@@ -158,7 +158,7 @@ def make_denoiser(dim, dim_mults, device):
 
 
 def table(title, header, rows):
-    """Print a Markdown table (so the output pastes into the README as it is)."""
+    """Print a Markdown table (so the output pastes into docs/performance.md as it is)."""
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")

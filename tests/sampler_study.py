@@ -1,7 +1,7 @@
-# Docs: README.md, section "Performance"
+# Docs: docs/performance.md, section "Sampler steps and churn: what accuracy they buy"
 """What the DM's sampler settings cost and what they buy: error against the real simulator vs network FLOPs.
 
-    python tests/sampler_study.py --models-dirs models-cpu          # the README's CPU models
+    python tests/sampler_study.py --models-dirs models-cpu          # the CPU models of docs/pretrained-models.md
     python tests/sampler_study.py --models-dirs models-cpu models-cpu-dim16 --json-out study.json --plot study.png
 
 For each pretrained DM (one per --models-dirs folder, all for --env-id) and each sampler configuration
