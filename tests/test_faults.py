@@ -153,6 +153,7 @@ def test_a_larger_total_steps_on_resume_gives_the_rest_of_the_new_budgets_cosine
 
 
 def test_a_tracked_offline_run_says_on_resume_that_w_and_b_starts_a_new_offline_folder(tiny_models, tmp_path):
+    pytest.importorskip("wandb")
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
     args = tiny("dydiff_td3bc.py", tiny_models, tmp_path / "runs", "--no-dydiff", "--total-steps", "60", "--eval-freq", "60")
     run_script("dydiff_td3bc.py", *args, "--track", env=env)
