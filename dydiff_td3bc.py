@@ -96,6 +96,8 @@ class Args:
     """evaluate (and checkpoint) every this many steps"""
     eval_episodes: int = 10
     """episodes per evaluation"""
+    eval_max_steps: Optional[int] = None
+    """length of an evaluation episode; default: the env's registration (maze2d 300/600/800 by maze, MuJoCo 1000)"""
 
     # DyDiff (paper Table 4)
     dydiff: bool = True
@@ -298,7 +300,8 @@ if __name__ == "__main__":
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e))
     S, A, obs_dim = data.state_dim, data.action_dim, data.obs_dim
-    eval_envs = data.make_eval_envs(args.eval_episodes)
+    eval_envs = data.make_eval_envs(args.eval_episodes, args.eval_max_steps)
+    args.eval_max_steps = eval_envs.envs[0].spec.max_episode_steps  # recorded: the episode length of the scores
     max_action = float(eval_envs.single_action_space.high[0])
     obs_mean, obs_std = data.observation_stats(args.normalize_states, device)
     real = data.tensors(device)

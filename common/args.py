@@ -28,6 +28,8 @@ def shared_arg_problems(args) -> list[str]:
     ):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_max_steps is not None and args.eval_max_steps < 1:
+        problems.append(f"--eval-max-steps must be >= 1, got {args.eval_max_steps}")
     if args.rollout_length < 2:
         problems.append(f"--rollout-length must be >= 2, got {args.rollout_length}")
     if args.sampler_steps < 2:

@@ -247,15 +247,17 @@ class OfflineData:
             torch.as_tensor(std, dtype=torch.float32, device=device),
         )
 
-    def make_eval_env(self):
-        """The dataset's real evaluation environment (the fixed-goal task: observing the physical state alone)."""
+    def make_eval_env(self, max_steps: int | None = None):
+        """The dataset's real evaluation environment (the fixed-goal task: observing the physical state alone), its
+        episodes cut at `max_steps` (None: the registration's length, e.g. 800 for maze2d-large, 1000 for MuJoCo)."""
         register_envs()
-        env = self.minari_dataset.recover_environment(eval_env=True)
+        kwargs = {} if max_steps is None else {"max_episode_steps": max_steps}
+        env = self.minari_dataset.recover_environment(eval_env=True, **kwargs)
         return PhysicalObservation(env) if self.form == "fixed-goal" else env
 
-    def make_eval_envs(self, n: int):
+    def make_eval_envs(self, n: int, max_steps: int | None = None):
         """`n` copies of the evaluation environment as one vector env, for common.envs.evaluate."""
-        return vector_env(self.make_eval_env, n)
+        return vector_env(lambda: self.make_eval_env(max_steps), n)
 
     def windows(self, L: int) -> tuple[np.ndarray, np.ndarray]:
         """All DM windows of length L: (start index, number of real rows) for each. See segment_windows."""

@@ -156,6 +156,7 @@ def summarize_run(run_dir: Path) -> dict:
                 "sampler_churn",
                 "eval_freq",
                 "eval_episodes",
+                "eval_max_steps",
                 "models_dir",
                 "dydiff",
                 "rollout_states",
@@ -222,15 +223,28 @@ def second_half(summary: dict) -> float:
     return sum(scores[len(scores) // 2 :]) / len(scores[len(scores) // 2 :])
 
 
+def episode_length(summary: dict) -> str:
+    """The evaluation episodes' length of a run (runs from before --eval-max-steps: the registration's)."""
+    from common import pointmaze
+    from common.envs import task_of
+
+    n, env_id = summary["args"].get("eval_max_steps"), summary["env_id"] or ""
+    if n is None and task_of(env_id) == "pointmaze":
+        n = next((pointmaze.EVAL_EPISODE_STEPS[m] for m in pointmaze.MAZES if m in env_id), None)
+    elif n is None and task_of(env_id) in ("hopper", "walker2d", "halfcheetah"):
+        n = 1000  # Gymnasium's MuJoCo registrations
+    return "—" if n is None else f"{n:,}"
+
+
 def table(summaries: list[dict]) -> str:
     """Markdown: one row per (env, arm); the final score is the mean of each run's last 5 evaluations (the paper's),
     the mean of all its evaluations (how fast it learned, as well), and the second-half score, the mean of its last half
     of the evaluations (less noisy than the final score, it says more of how a run held)."""
     lines = [
         "| env | task | arm | seeds | final normalized score (mean ± std) | per seed | final, D4RL maze2d-v1 scale "
-        "| paper, Table 2 (D4RL scale) | mean of all evaluations (mean ± std) | second-half score (mean ± std) | steps "
-        "| wall time per run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| paper, Table 2 (D4RL scale, most likely 1000-step episodes) | mean of all evaluations (mean ± std) "
+        "| second-half score (mean ± std) | steps | evaluation episode length | wall time per run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (env_id, task, arm), runs in group(summaries).items():
         done = [r for r in runs if r["finished"]]
@@ -258,11 +272,11 @@ def table(summaries: list[dict]) -> str:
             )
             per_seed += f"; unfinished: {last}"
         steps = ", ".join(sorted({f"{r['total_steps']:,}" for r in runs}))
+        length = ", ".join(sorted({episode_length(r) for r in runs}))
         paper = paper_score(env_id, task, arm)
         lines.append(
             f"| {env_id} | {TASK_NAMES.get(task, task)} | {arm} | {len(done)} | {score} | {per_seed} | {d4rl} | {paper} "
-            f"| {overall} "
-            f"| {held} | {steps} | {wall} |"
+            f"| {overall} | {held} | {steps} | {length} | {wall} |"
         )
     return "\n".join(lines)
 

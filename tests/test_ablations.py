@@ -130,7 +130,7 @@ def one_step_error(data, syn):
     return np.abs(nxt - syn["next_obs"][:, :4]).max(1)
 
 
-FLAGS = ("--total-steps", "60", "--eval-freq", "60", "--check-trajectories", "8")
+FLAGS = ("--total-steps", "60", "--eval-freq", "60", "--check-trajectories", "8", "--eval-max-steps", "50")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -143,6 +143,7 @@ def test_simulator_rollouts_with_true_rewards_need_no_models(script, fixed, tmp_
     assert "pretraining" not in out.stdout + out.stderr and not models.exists()
     run_dir = next(tmp_path.glob("*__sim__*"))
     assert json.loads((run_dir / "task.json").read_text())["models"] == {}
+    assert json.loads((run_dir / "args.json").read_text())["eval_max_steps"] == 50  # the episode length, recorded
     syn = synthetic_buffer(run_dir)
     assert len(syn["obs"]) > 0
     assert one_step_error(fixed, syn).max() < 1e-4
@@ -279,3 +280,13 @@ def test_a_run_pretrains_only_the_models_it_uses(tmp_path):
     assert "the model report needs all three models" in out.stdout
     run_dir = next(tmp_path.glob("*-simmodel__*"))
     assert set(json.loads((run_dir / "task.json").read_text())["models"]) == {"reward"}
+
+
+def test_the_evaluation_length_is_the_registration_s_unless_given(fixed, tmp_path):
+    from dydiff_td3bc import Args
+
+    assert Args().eval_max_steps is None
+    assert fixed.make_eval_envs(1).envs[0].spec.max_episode_steps == 300  # maze2d-umaze's registration
+    assert fixed.make_eval_envs(1, 1000).envs[0].spec.max_episode_steps == 1000
+    out = run_script("dydiff_td3bc.py", "--env-id", "maze2d-umaze", "--eval-max-steps", "0", check=False)
+    assert out.returncode != 0 and "--eval-max-steps must be >= 1, got 0" in out.stderr and "Traceback" not in out.stderr

@@ -247,3 +247,12 @@ def test_the_ladder_orders_the_ablations_and_splits_rollout_volumes(runs, tmp_pa
     assert (tmp_path / "ladder.png").stat().st_size > 10_000
     with pytest.raises(SystemExit, match="no finished augmented runs"):
         results.ladder_plot([s for s in summaries if not s["args"]["dydiff"]], tmp_path / "none.png")
+
+
+def test_the_evaluation_episode_length_is_recorded_or_the_registration_s():
+    def length(env_id, **args):
+        return results.episode_length(dict(env_id=env_id, args=args))
+
+    assert length("maze2d-large") == "800" and length("local/pointmaze/umaze-v3") == "300"
+    assert length("maze2d-large", eval_max_steps=1000) == "1,000" and length("hopper-medium") == "1,000"
+    assert length("my/other-v0") == "—"
