@@ -20,14 +20,19 @@ MODELS=${MODELS:-models-cpu}
 export OMP_NUM_THREADS=1 DYDIFF_OFFLINE=1
 
 # The CPU configuration of the models (docs/scripts.md, "Presets"); both tasks of one dataset share the DM and the ensemble.
-PRETRAIN=(--env-id "$ENV_ID" --preset cpu --models-dir "$MODELS")
+PRETRAIN=(--env-id "$ENV_ID" --preset cpu --models-dir "$MODELS" --dataset-steps 1000000)
 # Paper (Table 4 / CORL): 1M steps, evaluation every 5k, B_r 2048 every 500 steps, a 2M-transition buffer.
-RUN=(--env-id "$ENV_ID" --models-dir "$MODELS" --total-steps 200000 --eval-freq 1000 --eval-episodes 10
-     --rollout-freq 500 --rollout-batch-size 64 --synthetic-buffer-size 62000)
+# The data: 1M generated steps (Minari's size; the results so far were all made on it).
+RUN=(--env-id "$ENV_ID" --models-dir "$MODELS" --dataset-steps 1000000 --total-steps 200000 --eval-freq 1000
+     --eval-episodes 10 --rollout-freq 500 --rollout-batch-size 64 --synthetic-buffer-size 62000)
+SUMMARIES=${SUMMARIES:-results/$(echo "$ENV_ID" | sed 's/[^A-Za-z0-9_.-]/_/g')}
 FOLDER="$MODELS/$(echo "$ENV_ID" | sed 's/[^A-Za-z0-9_.-]/_/g')"
 
-run() {  # run ARM SEED FLAGS...: one training run, skipped if finished, resumed if killed
+run() {  # run ARM SEED FLAGS...: one training run, skipped if finished or summarized in $SUMMARIES, resumed if killed
   local arm=$1 seed=$2 dir="$OUT/$1-seed$2"; shift 2
+  if compgen -G "$SUMMARIES/*__dydiff_td3bc-${arm}__${seed}__*.json" > /dev/null; then
+    echo "$arm seed $seed: summary committed in $SUMMARIES"; return
+  fi
   local folder; folder=$(ls -d "$dir"/*/ 2>/dev/null | head -1 || true)
   if [[ -n "$folder" && -f "$folder/result.json" ]]; then echo "$arm seed $seed: finished ($folder)"; return; fi
   if [[ -n "$folder" && -f "$folder/checkpoint.pt" ]]; then
@@ -57,7 +62,11 @@ lane2() {
 # pretrained model, so its lane starts at once; the other lane pretrains first.
 SIM=(--rollout-states simulator)
 REPLAY=(--rollout-states simulator-replay)
+ladder_models() {  # the committed models every run of the ladder uses (results/models-cpu/README.md)
+  if [[ -d "results/models-cpu/$ENV_ID" ]]; then mkdir -p "$FOLDER"; cp -n "results/models-cpu/$ENV_ID"/*.pt "$FOLDER"/; fi
+}
 ladder1() {
+  ladder_models
   run sim-true 1 "${SIM[@]}" --rollout-rewards simulator; run sim-true 2 "${SIM[@]}" --rollout-rewards simulator
   run sim-true 3 "${SIM[@]}" --rollout-rewards simulator
   run replay-cond 1 "${REPLAY[@]}" --stored-actions conditioning; run sim-model 3 "${SIM[@]}"
@@ -65,6 +74,7 @@ ladder1() {
 }
 
 ladder2() {
+  ladder_models
   $PY pretrain_models.py "${PRETRAIN[@]}" --models dynamics reward  # the ladder uses no DM
   run sim-model 1 "${SIM[@]}"; run simstates 2 "${REPLAY[@]}"; run sim-model 2 "${SIM[@]}"
   run replay-cond 2 "${REPLAY[@]}" --stored-actions conditioning; run simstates 3 "${REPLAY[@]}"
