@@ -60,6 +60,11 @@ def ablation_problems(args) -> list[str]:
             "--rollout-states simulator-replay replaces the DM's states, and --num-iterations 0 samples none: use "
             "--num-iterations >= 1 (or --rollout-states simulator for rollouts in the simulator itself)"
         )
+    if args.average_with_previous and (args.rollout_states != "dm" or args.stored_actions != "relabelled"):
+        problems.append(
+            "--average-with-previous mixes each round's states with the previous ones, so the states are no longer the "
+            "simulator's or the stored transitions the dynamics' own: drop it, or the ablation flag"
+        )
     if args.stored_actions == "conditioning" and not rounds:
         why = "--rollout-states simulator has no DM rounds" if args.rollout_states == "simulator" else "--num-iterations 0"
         problems.append(

@@ -144,7 +144,7 @@ def cpu_cost_line(args, state_dim: int, action_dim: int, script: str) -> str | N
         return None
     c, L = args.pretrain, args.rollout_length
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.default_generator.manual_seed(0)
         denoiser = build_denoiser(
             state_dim,
             action_dim,

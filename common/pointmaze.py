@@ -578,7 +578,7 @@ class BatchedSimulator:
     def rollout(self, policy, s0, L: int, context=None):
         """Closed loop: the policy acting in the real simulator from s0 [B, 4] for L states; the context (goal), if
         any, rides along for the policy. Returns states [B, L, 4] and actions [B, L, A] (a_t = policy(s_t), the last
-        one included, as DynamicsEnsemble.rollout), as tensors on s0's device: true on-policy rollouts."""
+        one included, as EnsembleDynamics.rollout), as tensors on s0's device: true on-policy rollouts."""
         import torch
 
         B = len(s0)

@@ -85,7 +85,8 @@ def resumed_args(args, cls, argv):
         saved = json.loads((run_dir / "args.json").read_text())
         if "simulator_states" in saved:  # a run from before --rollout-states, which replaced that flag
             saved["rollout_states"] = "simulator-replay" if saved.pop("simulator_states") else "dm"
-        resumed = cls(**{**saved, "resume": str(run_dir), "pretrain": PretrainConfig(**saved["pretrain"])})
+        pretrain = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["pretrain"].items()}  # JSON made tuples lists
+        resumed = cls(**{**saved, "resume": str(run_dir), "pretrain": PretrainConfig(**pretrain)})
     except FileNotFoundError:
         raise SystemExit(f"{run_dir / 'args.json'} is missing: the run's arguments are gone, so it cannot be resumed; "
                          f"start a new run") from None
@@ -141,6 +142,8 @@ class Run:
                 raise SystemExit(f"the checkpoint in {self.dir} does not fit this version of the script ({message}): "
                                  f"start a new run") from None
             set_rng_state(ckpt["rng"], generator)
+            if self.task and (self.dir / "task.json").exists():  # the models it began with (their SHA-256)
+                self.task = {**self.task, "models": json.loads((self.dir / "task.json").read_text()).get("models")}
             self.start_step, self.evaluations = ckpt["step"], ckpt["evaluations"]
             self.d4rl_evaluations = ckpt.get("d4rl_evaluations", [])
             self.checkpoint_step = ckpt["step"]

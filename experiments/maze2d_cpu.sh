@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # TD3+BC on a maze2d task, three arms x three seeds, at a scale two CPU cores can run (docs/results.md), and one
-# run of the ablation that gives DyDiff a perfect DM (--simulator-states).
+# run of the ablation that gives DyDiff a perfect DM (--rollout-states simulator-replay).
 #
 #   bash experiments/maze2d_cpu.sh                # maze2d-large (D4RL's fixed-goal task), both lanes in the background
 #   bash experiments/maze2d_cpu.sh 1              # one lane in the foreground (lane 2's DyDiff runs wait for lane 1's models)
@@ -65,10 +65,14 @@ REPLAY=(--rollout-states simulator-replay)
 ladder_models() {  # the committed models every run of the ladder uses (results/models-cpu/README.md)
   if [[ -d "results/models-cpu/$ENV_ID" ]]; then mkdir -p "$FOLDER"; cp -n "results/models-cpu/$ENV_ID"/*.pt "$FOLDER"/; fi
 }
+wait_for_ladder_models() {  # lane 2 makes them where none are committed
+  until [[ -f $FOLDER/dynamics.pt && -f $FOLDER/reward.pt ]]; do echo "waiting for lane 2's models ($FOLDER)"; sleep 120; done
+}
 ladder1() {
   ladder_models
   run sim-true 1 "${SIM[@]}" --rollout-rewards simulator; run sim-true 2 "${SIM[@]}" --rollout-rewards simulator
   run sim-true 3 "${SIM[@]}" --rollout-rewards simulator
+  wait_for_ladder_models
   run replay-cond 1 "${REPLAY[@]}" --stored-actions conditioning; run sim-model 3 "${SIM[@]}"
   run replay-cond 3 "${REPLAY[@]}" --stored-actions conditioning
 }

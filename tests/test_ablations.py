@@ -205,6 +205,8 @@ def test_dm_rounds_with_conditioning_actions_and_true_rewards(tiny_models, fixed
         (["--rollout-states", "simulator-replay", "--num-iterations", "0"], "--num-iterations 0 samples none"),
         (["--stored-actions", "conditioning", "--num-iterations", "0"], "keeps the actions the last DM round was given"),
         (["--stored-actions", "conditioning", "--rollout-states", "simulator"], "simulator has no DM rounds"),
+        (["--rollout-states", "simulator-replay", "--average-with-previous"], "--average-with-previous mixes"),
+        (["--stored-actions", "conditioning", "--average-with-previous"], "--average-with-previous mixes"),
     ],
 )
 def test_ablations_that_replace_nothing_are_refused(flags, message):
@@ -262,13 +264,14 @@ def test_ablations_need_pointmaze(tmp_path):
 def test_a_run_from_before_rollout_states_resumes_as_its_ablation(tmp_path):
     from dydiff_td3bc import Args
 
-    saved = asdict(Args())
+    saved = json.loads(json.dumps(asdict(Args())))  # as args.json holds it: tuples are lists
     del saved["rollout_states"]
     saved["simulator_states"] = True
     (tmp_path / "args.json").write_text(json.dumps(saved))
     (tmp_path / "checkpoint.pt").write_bytes(b"")
     args = resumed_args(Args(resume=str(tmp_path)), Args, ["--resume", str(tmp_path)])
     assert args.rollout_states == "simulator-replay" and args.stored_actions == "relabelled"
+    assert args.pretrain.dm_dim_mults == (1, 4, 8) and "--dm-dim-mults" not in args.pretrain.flags()  # the default
 
 
 def test_a_run_pretrains_only_the_models_it_uses(tmp_path):

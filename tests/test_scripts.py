@@ -159,6 +159,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_numbers(script, tiny_models, 
     assert rows_b == rows_a
     a, b = (json.loads((r / "result.json").read_text()) for r in (whole, cut))
     assert b["evaluations"] == a["evaluations"] and len(a["evaluations"]) == 4 and b["total_steps"] == 400
+    assert b["models"] == a["models"] and set(a["models"]) == {"dm", "dynamics", "reward"}  # kept across the resume
     assert 0 < ckpt["wall_time_s"] < b["wall_time_s"], "the training time of the first sitting is counted"
     pa, pb = (torch.load(r / "final_policy.pt", weights_only=False) for r in (whole, cut))
     for key in ("actor", "critic_target"):
