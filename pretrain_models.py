@@ -155,17 +155,7 @@ def model_meta(args, data, **extra):
 
 def dm_config(args) -> dict:
     """The DM's shape, as saved in dm.pt and dm_train.pt: what must match to keep or resume a DM."""
-    return dict(
-        horizon=args.rollout_length,
-        dim=args.dm_dim,
-        dim_mults=list(args.dm_dim_mults),
-        sigma_data=args.sigma_data,
-        full_res_skip=args.dm_full_res_skip,
-        padding_mode=args.dm_padding,
-        cond_channels=args.dm_cond_channels,
-        relative_states=args.dm_relative_states,
-        position_channels=args.dm_position_channels,
-    )
+    return dict(horizon=args.rollout_length, **args.dm_network())
 
 
 def load_dm_checkpoint(path):

@@ -75,6 +75,19 @@ class PretrainConfig:
     report_iterations: int = 3
     """M: DM <-> policy refinement iterations measured by the report"""
 
+    def dm_network(self) -> dict:
+        """The DM's network options, as common.edm.build_denoiser takes them (and dm.pt records them)."""
+        return dict(
+            dim=self.dm_dim,
+            dim_mults=list(self.dm_dim_mults),
+            sigma_data=self.sigma_data,
+            full_res_skip=self.dm_full_res_skip,
+            padding_mode=self.dm_padding,
+            cond_channels=self.dm_cond_channels,
+            relative_states=self.dm_relative_states,
+            position_channels=self.dm_position_channels,
+        )
+
     def flags(self) -> list[str]:
         """The pretrain_models.py flags of the values that differ from the defaults."""
         out, default = [], PretrainConfig()
@@ -145,18 +158,7 @@ def cpu_cost_line(args, state_dim: int, action_dim: int, script: str) -> str | N
     c, L = args.pretrain, args.rollout_length
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(0)
-        denoiser = build_denoiser(
-            state_dim,
-            action_dim,
-            dim=c.dm_dim,
-            dim_mults=tuple(c.dm_dim_mults),
-            sigma_data=c.sigma_data,
-            full_res_skip=c.dm_full_res_skip,
-            padding_mode=c.dm_padding,
-            cond_channels=c.dm_cond_channels,
-            relative_states=c.dm_relative_states,
-            position_channels=c.dm_position_channels,
-        )
+        denoiser = build_denoiser(state_dim, action_dim, **c.dm_network())
         gen = torch.Generator().manual_seed(0)
         normalizer = MinMaxNormalizer(-torch.ones(state_dim + action_dim), torch.ones(state_dim + action_dim))
         s0, actions = torch.zeros(2, state_dim), torch.zeros(2, L, action_dim)
