@@ -1,1 +1,2 @@
-"""dydiff's shared code: datasets and environments (and, later, the pretrained models DyDiff uses)."""
+"""dydiff's shared code: datasets, environments and the PointMaze simulator, the EDM denoiser and sampler, the
+dynamics ensemble and reward model, checkpoints, run folders, presets and the results tables."""
