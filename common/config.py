@@ -140,9 +140,9 @@ def cpu_command(script: str, env_id: str) -> str:
 def cpu_cost_line(args, state_dim: int, action_dim: int, script: str) -> str | None:
     """Before anything is pretrained or trained, on a CPU: when the run's DM work comes to an hour or more, one line
     with its projected time (pretraining the DM, if {models_dir}/{env_id}/dm.pt is missing, and the DM sampling of
-    its rollouts) and the command of the CPU-scale run; else None. Both are measured on 2 windows of a DM of the
-    configured shape (its weights do not change the cost) and scaled: about, not exact. Runs that sample nothing
-    from the DM (--no-dydiff, M = 0, --rollout-states simulator-replay or simulator): None.
+    its rollouts) and the command of the CPU-scale run; else None. Both are measured on 2 and 8 windows of a DM of
+    the configured shape (its weights do not change the cost) and extrapolated linearly: about, not exact. Runs that
+    sample nothing from the DM (--no-dydiff, M = 0, --rollout-states simulator-replay or simulator): None.
 
     Leaves every random state as it was, so the run's draws are the same with or without this measurement.
     """
@@ -160,25 +160,37 @@ def cpu_cost_line(args, state_dim: int, action_dim: int, script: str) -> str | N
         torch.default_generator.manual_seed(0)
         denoiser = build_denoiser(state_dim, action_dim, **c.dm_network())
         gen = torch.Generator().manual_seed(0)
-        normalizer = MinMaxNormalizer(-torch.ones(state_dim + action_dim), torch.ones(state_dim + action_dim))
-        s0, actions = torch.zeros(2, state_dim), torch.zeros(2, L, action_dim)
-        with torch.no_grad():
-            refine_states(denoiser, normalizer, s0, actions, 2, 0.0, gen)  # warm-up
+        C = state_dim + action_dim
+        normalizer = MinMaxNormalizer(-torch.ones(C), torch.ones(C))
+        cond = torch.zeros(L, C, dtype=torch.bool)
+        cond[0, :state_dim], cond[:, state_dim:] = True, True
+
+        def seconds(windows, train):
+            """One DM training step (forward and backward), or one network evaluation of the sampler, on `windows`."""
             t0 = time.perf_counter()
-            refine_states(denoiser, normalizer, s0, actions, 2, 0.0, gen)  # 3 network evaluations of 2 windows
-        per_window_eval = (time.perf_counter() - t0) / (2 * 3)
+            if train:
+                edm_loss(denoiser, torch.zeros(windows, L, C), cond, generator=gen).backward()
+                return time.perf_counter() - t0
+            with torch.no_grad():  # 2 sampler steps: 3 network evaluations
+                refine_states(
+                    denoiser, normalizer, torch.zeros(windows, state_dim), torch.zeros(windows, L, action_dim), 2, 0.0, gen
+                )
+            return (time.perf_counter() - t0) / 3
+
+        def per_call(train, batch):
+            """Seconds of one call on `batch` windows: a fixed part and a part per window, fitted on 2 and 8 windows
+            (a CPU spends much of a small batch on overhead, so scaling 2 windows up would overstate a big batch)."""
+            seconds(2, train)  # warm-up
+            t2, t8 = (min(seconds(n, train) for _ in range(3)) for n in (2, 8))  # the least disturbed of 3
+            per_window = max((t8 - t2) / 6, 0.0)
+            return max(t2 - 2 * per_window, 0.0) + per_window * batch
+
+        sample_call = per_call(False, args.rollout_batch_size)
         train_hours = 0.0
         if not (models_folder(args.models_dir, args.env_id) / "dm.pt").exists():
-            x0 = torch.zeros(2, L, state_dim + action_dim)
-            cond = torch.zeros(L, state_dim + action_dim, dtype=torch.bool)
-            cond[0, :state_dim], cond[:, state_dim:] = True, True
-            edm_loss(denoiser, x0, cond, generator=gen).backward()  # warm-up
-            t0 = time.perf_counter()
-            edm_loss(denoiser, x0, cond, generator=gen).backward()
-            train_hours = (time.perf_counter() - t0) / 2 * c.dm_batch_size * c.dm_steps / 3600
+            train_hours = per_call(True, c.dm_batch_size) * c.dm_steps / 3600
     rollouts = -(-args.total_steps // args.rollout_freq)
-    evals = args.rollout_batch_size * (2 * args.sampler_steps - 1) * args.num_iterations
-    sample_hours = rollouts * evals * per_window_eval / 3600
+    sample_hours = rollouts * (2 * args.sampler_steps - 1) * args.num_iterations * sample_call / 3600
     if train_hours + sample_hours < 1:
         return None
     parts = f"pretraining the DM {train_hours:,.1f} h, then " if train_hours else ""
@@ -186,5 +198,5 @@ def cpu_cost_line(args, state_dim: int, action_dim: int, script: str) -> str | N
     return (
         f"no GPU: this run's DM work takes about {train_hours + sample_hours:,.1f} h on this CPU ({parts}the DM "
         f"sampling of {rollouts:,} rollout steps of {args.rollout_batch_size:,} windows {sample_hours:,.1f} h; measured "
-        f"on 2 windows; the updates come on top){advice}"
+        f"on 2 and 8 windows; the updates come on top){advice}"
     )
