@@ -146,17 +146,6 @@ def replay_actions(env: gym.Env, task: str, s0, actions) -> np.ndarray:
     return np.stack(states)
 
 
-def replay_batch(env: gym.Env, task: str, s0, actions):
-    """The real simulator's states for a batch of trajectories: tensor [B, L, S] (like s0) from s0 [B, S] and
-    actions [B, L, A]; state 0 is s0 itself. What a perfect DM would return (the --simulator-states ablation)."""
-    import torch
-
-    s0_np, actions_np = s0.float().cpu().numpy(), actions.float().cpu().numpy()
-    out = np.stack([replay_actions(env, task, s, a) for s, a in zip(s0_np, actions_np)])
-    out[:, 0] = s0_np  # exactly, not through float64
-    return torch.as_tensor(out, dtype=s0.dtype, device=s0.device)
-
-
 def step_from(env: gym.Env, task: str, states, actions) -> np.ndarray:
     """The real simulator's next state from each (state, action) pair: [N, S] from [N, S] and [N, A]."""
     env.reset(seed=0)
