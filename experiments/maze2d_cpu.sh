@@ -68,20 +68,26 @@ ladder_models() {  # the committed models every run of the ladder uses (results/
 wait_for_ladder_models() {  # lane 2 makes them where none are committed
   until [[ -f $FOLDER/dynamics.pt && -f $FOLDER/reward.pt ]]; do echo "waiting for lane 2's models ($FOLDER)"; sleep 120; done
 }
+# The order makes each session's two runs per lane (about 1 h 15 min each, one thread beside the other lane) a
+# balanced step: seed 1 of every rung first, then seeds 2 and 3, then rung e (the best rung, real on-policy rollouts
+# with true rewards, at the paper's rollout volume: B_r 2,048 every 500 steps, a 2M-transition buffer).
+VOLUME=(--rollout-batch-size 2048 --synthetic-buffer-size 2000000)
 ladder1() {
   ladder_models
-  run sim-true 1 "${SIM[@]}" --rollout-rewards simulator; run sim-true 2 "${SIM[@]}" --rollout-rewards simulator
-  run sim-true 3 "${SIM[@]}" --rollout-rewards simulator
+  run sim-true 1 "${SIM[@]}" --rollout-rewards simulator
   wait_for_ladder_models
-  run replay-cond 1 "${REPLAY[@]}" --stored-actions conditioning; run sim-model 3 "${SIM[@]}"
+  run replay-cond 1 "${REPLAY[@]}" --stored-actions conditioning; run sim-true 2 "${SIM[@]}" --rollout-rewards simulator
+  run sim-true 3 "${SIM[@]}" --rollout-rewards simulator; run replay-cond 2 "${REPLAY[@]}" --stored-actions conditioning
   run replay-cond 3 "${REPLAY[@]}" --stored-actions conditioning
+  run sim-true-volume 1 "${SIM[@]}" --rollout-rewards simulator "${VOLUME[@]}"
 }
 
 ladder2() {
   ladder_models
   $PY pretrain_models.py "${PRETRAIN[@]}" --models dynamics reward  # the ladder uses no DM
   run sim-model 1 "${SIM[@]}"; run simstates 2 "${REPLAY[@]}"; run sim-model 2 "${SIM[@]}"
-  run replay-cond 2 "${REPLAY[@]}" --stored-actions conditioning; run simstates 3 "${REPLAY[@]}"
+  run sim-model 3 "${SIM[@]}"; run simstates 3 "${REPLAY[@]}"
+  run sim-true-volume 2 "${SIM[@]}" --rollout-rewards simulator "${VOLUME[@]}"
 }
 
 start() {  # start LANE_A LANE_B: both lanes in the background
