@@ -79,8 +79,8 @@ class Args:
     """D4RL-style name (maze2d-large, hopper-medium, ...) or a Minari dataset id"""
     offline: bool = False
     """never try to download a dataset (also: DYDIFF_OFFLINE=1)"""
-    dataset_steps: int = 1_000_000
-    """steps of a locally generated PointMaze dataset"""
+    dataset_steps: int | None = None
+    """steps of a locally generated PointMaze dataset (default: D4RL's size for maze2d-*: 1M umaze, 2M medium, 4M large)"""
     models_dir: str = "models"
     """pretrained models are read from {models_dir}/{env_id}/ (made first if missing)"""
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)

@@ -43,10 +43,18 @@ class DatasetSpec:
     dense: bool = False
     fixed_goal: bool = False  # D4RL's maze2d task (maze2d-* names), made from the goal-conditioned Minari data
 
-    def local_id(self, dataset_steps: int = pointmaze.DEFAULT_STEPS, seed: int = pointmaze.DEFAULT_SEED) -> str | None:
-        """Minari id of the locally generated PointMaze dataset (never the official id)."""
+    @property
+    def default_steps(self) -> int:
+        """Steps of a locally generated dataset when none are asked for: D4RL maze2d-v1's size for the fixed-goal task
+        (1M umaze, 2M medium, 4M large), Minari's 1M for a Minari id."""
+        return pointmaze.D4RL_STEPS[self.maze] if self.fixed_goal else pointmaze.DEFAULT_STEPS
+
+    def local_id(self, dataset_steps: int | None = None, seed: int = pointmaze.DEFAULT_SEED) -> str | None:
+        """Minari id of the locally generated PointMaze dataset (never the official id). Minari's recipe (1M steps,
+        seed 123) has the plain name, local/pointmaze/large-v3; any other size or seed is in the name."""
         if self.maze is None:
             return None
+        dataset_steps = self.default_steps if dataset_steps is None else dataset_steps
         tag = (
             ""
             if (dataset_steps, seed) == (pointmaze.DEFAULT_STEPS, pointmaze.DEFAULT_SEED)
@@ -119,6 +127,13 @@ def _fetch(spec: DatasetSpec, offline: bool, generate: bool, dataset_steps: int,
     import minari
 
     if all(_is_local(i) for i in spec.minari_ids):
+        if spec.fixed_goal and dataset_steps != pointmaze.DEFAULT_STEPS:
+            print(
+                f"[dydiff] {spec.env_id}: using Minari's official {spec.minari_ids[0]} as it is (1M steps); D4RL's "
+                f"maze2d-{spec.maze}-v1 held {pointmaze.D4RL_STEPS[spec.maze]:,}, and --dataset-steps applies to "
+                f"generated data only (move the official dataset out of {datasets_root()} to generate that size)",
+                file=sys.stderr,
+            )
         return list(spec.minari_ids)
     local_id = spec.local_id(dataset_steps, seed)
     if local_id and _is_local(local_id):
@@ -223,6 +238,7 @@ class OfflineData:
         return dict(
             form=self.form,
             dataset_ids=list(self.dataset_ids),
+            size=self.size,
             obs_dim=self.obs_dim,
             fingerprint=self.fingerprint,
             physical_fingerprint=self.physical_fingerprint,
@@ -473,7 +489,8 @@ def fixed_goal_task(data: OfflineData, maze: str, dense: bool) -> OfflineData:
       (where the recorded trajectory is cut), not Minari's goal-reached truncations, which mean nothing here.
     Where this differs from D4RL: D4RL's relabel script (scripts/generation/relabel_maze2d_rewards.py) scored
     the transition's current state, with radius 0.5, against its env's goal; its data came from its own
-    controller on its own MuJoCo port, 1M / 2M / 4M steps for umaze / medium / large (Minari's: 1M each).
+    controller on its own MuJoCo port. The sizes are D4RL's by default (1M / 2M / 4M steps for umaze / medium / large;
+    Minari's official data: 1M each).
     """
     S = data.state_dim
     goal = pointmaze.goal_xy(maze)
@@ -499,18 +516,20 @@ def load_dataset(
     env_id: str,
     offline: bool | None = None,
     generate: bool = True,
-    dataset_steps: int = pointmaze.DEFAULT_STEPS,
+    dataset_steps: int | None = None,
     seed: int = pointmaze.DEFAULT_SEED,
     progress: bool = True,
 ) -> OfflineData:
     """Load `env_id` (D4RL-style name or Minari id) as OfflineData, fetching or generating it if needed.
 
     offline: skip the download attempt (default: the DYDIFF_OFFLINE environment variable).
-    dataset_steps, seed: size and seed of a locally generated PointMaze dataset (tests use ~10k steps).
+    dataset_steps, seed: size and seed of a locally generated PointMaze dataset (tests use ~10k steps); None: D4RL's
+    size for maze2d-* (1M umaze, 2M medium, 4M large), Minari's 1M for a Minari id (DatasetSpec.default_steps).
     """
     spec = resolve_env_id(env_id)
     if offline is None:
         offline = os.environ.get(OFFLINE_ENV_VAR, "0").lower() not in ("", "0", "false", "no")
+    dataset_steps = spec.default_steps if dataset_steps is None else dataset_steps
     if dataset_steps < 1:
         raise ValueError(f"dataset_steps must be >= 1, got {dataset_steps}")
     register_envs()
@@ -543,7 +562,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("env_ids", nargs="+", help="--env-id names, e.g. maze2d-umaze maze2d-medium maze2d-large")
     parser.add_argument(
-        "--dataset-steps", type=int, default=pointmaze.DEFAULT_STEPS, help="steps of a generated PointMaze dataset"
+        "--dataset-steps",
+        type=int,
+        default=None,
+        help="steps of a generated PointMaze dataset (default: D4RL's size for maze2d-*: 1M umaze, 2M medium, 4M large; "
+        "1M for a Minari id)",
     )
     parser.add_argument("--seed", type=int, default=pointmaze.DEFAULT_SEED, help="seed of a generated PointMaze dataset")
     parser.add_argument("--offline", action="store_true", help="do not try to download")

@@ -37,6 +37,8 @@ EVAL_GOAL_CELLS = {"umaze": (1, 1), "medium": (6, 6), "large": (7, 9)}
 EVAL_EPISODE_STEPS = {"umaze": 300, "medium": 600, "large": 800}
 ACTION_NOISE_STD = 0.5  # create_pointmaze_dataset.py: action += np.random.randn(2) * 0.5, then clip to [-1, 1]
 DEFAULT_STEPS = 1_000_000  # create_pointmaze_dataset.py: range(1_000_000)
+# D4RL maze2d-*-v1's sizes (the shapes its get_dataset() returns; 7M in all): the default of the fixed-goal maze2d-* task
+D4RL_STEPS = {"umaze": 1_000_000, "medium": 2_000_000, "large": 4_000_000}
 DEFAULT_SEED = 123  # create_pointmaze_dataset.py: np.random.seed(123); collector_env.reset(seed=123)
 # controller.py: WaypointController(maze) is built without a maze_solver argument, so its default applies.
 DEFAULT_SOLVER = "DFS"

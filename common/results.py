@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 SUMMARY_VERSION = 2  # 2: the task (maze2d: fixed-goal or goal-conditioned) and the D4RL maze2d-v1 scores
@@ -59,6 +60,7 @@ def paper_score(env_id: str, task: str, arm: str) -> str:
     D4RL's fixed-goal maze2d, the base algorithms and DyDiff with M = 1."""
     if task != "fixed-goal":
         return "—"
+    arm = re.sub(r", [^,]* data$", "", arm)  # the paper's data were D4RL's; the table names the size beside it
     for algo, (base, dydiff) in PAPER_TABLE2.get(env_id, {}).items():
         for name, (m, s) in ((algo, base), (f"{algo} + DyDiff (M=1)", dydiff)):
             if arm == name:
@@ -131,6 +133,7 @@ def summarize_run(run_dir: Path) -> dict:
         task=task.get("form", ""),
         dataset_ids=task.get("dataset_ids"),
         data_fingerprint=task.get("fingerprint"),
+        dataset_size=task.get("size"),
         models=task.get("models"),
         seed=args.get("seed"),
         total_steps=args.get("total_steps"),
@@ -157,6 +160,7 @@ def summarize_run(run_dir: Path) -> dict:
                 "eval_freq",
                 "eval_episodes",
                 "eval_max_steps",
+                "dataset_steps",
                 "models_dir",
                 "dydiff",
                 "rollout_states",
@@ -186,18 +190,43 @@ def load(paths) -> list[dict]:
     return out
 
 
+def dataset_size(summary: dict) -> int | None:
+    """Transitions a run trained on: recorded since the data size became D4RL's by default; for older runs read from a
+    locally generated dataset's id (local/pointmaze/large-v3 is Minari's 1M recipe, other sizes carry theirs)."""
+    if summary.get("dataset_size"):
+        return int(summary["dataset_size"])
+    sizes = set()
+    for did in summary.get("dataset_ids") or ():
+        if not did.startswith("local/pointmaze/"):
+            return None
+        m = re.search(r"-(\d+)steps-seed\d+-v\d+$", did)
+        sizes.add(int(m.group(1)) if m else 1_000_000)
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _size_name(n: int | None) -> str:
+    return "data size unknown" if n is None else f"{n / 1e6:g}M data" if n % 100_000 == 0 else f"{n:,} steps of data"
+
+
 def group(summaries: list[dict]) -> dict[tuple, list[dict]]:
     """(env_id, task, arm) -> that arm's runs, sorted by seed: runs on the two maze2d tasks never share a row. Runs of
-    one arm at different rollout volumes (B_r) are arms of their own, named with their B_r."""
+    one arm at different rollout volumes (B_r) are arms of their own, named with their B_r; so are runs of one arm on
+    datasets of different sizes (named with the size)."""
     volumes: dict[tuple, set] = {}
+    sizes: dict[tuple, set] = {}
     for s in summaries:
+        key = (s["env_id"], s["task"], s["arm"])
+        sizes.setdefault(key, set()).add(dataset_size(s))
         if s["args"].get("dydiff", True):
-            volumes.setdefault((s["env_id"], s["task"], s["arm"]), set()).add(s["args"].get("rollout_batch_size"))
+            volumes.setdefault(key, set()).add(s["args"].get("rollout_batch_size"))
     groups: dict[tuple, list[dict]] = {}
     for s in summaries:
+        key = (s["env_id"], s["task"], s["arm"])
         arm = s["arm"]
-        if len(volumes.get((s["env_id"], s["task"], arm), ())) > 1:
+        if len(volumes.get(key, ())) > 1:
             arm = f"{arm}, B_r {s['args']['rollout_batch_size']:,}"
+        if len(sizes[key] - {None}) > 1:  # a run whose size is not on record splits nothing
+            arm = f"{arm}, {_size_name(dataset_size(s))}"
         groups.setdefault((s["env_id"], s["task"], arm), []).append(s)
     for runs in groups.values():
         runs.sort(key=lambda s: s["seed"] if s["seed"] is not None else -1)
@@ -403,7 +432,7 @@ def plot(summaries: list[dict], path: Path, smooth: int = 1) -> None:
 def ladder_rank(arm: str) -> tuple:
     """Where an arm stands on the ladder from true on-policy rollouts (first) to DyDiff and M = 0 (last)."""
     states = 0 if "simulator rollouts" in arm else 1 if "simulator states" in arm else 3 if "M=0" in arm else 2
-    volume = int(arm.split("B_r ")[1].replace(",", "")) if "B_r " in arm else 0
+    volume = int(m.group(1).replace(",", "")) if (m := re.search(r"B_r ([\d,]+)", arm)) else 0
     return (states, "true rewards" not in arm, "conditioning actions" not in arm, volume, arm)
 
 
@@ -416,6 +445,14 @@ def ladder_plot(summaries: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # one data size per (env, task): the augmented runs' most common one, the base runs on it alike
+    counts: dict[tuple, dict] = {}
+    for s in summaries:
+        if s["args"].get("dydiff", True):
+            sizes = counts.setdefault((s["env_id"], s["task"]), {})
+            sizes[dataset_size(s)] = sizes.get(dataset_size(s), 0) + 1
+    size = {k: max(v, key=v.get) for k, v in counts.items()}
+    summaries = [s for s in summaries if dataset_size(s) == size.get((s["env_id"], s["task"]), dataset_size(s))]
     groups = {k: [r for r in runs if r["finished"]] for k, runs in group(summaries).items()}
     panels = []  # (env, task, algo, base runs, [(arm, runs)])
     for env, task in sorted({(e, t) for e, t, _ in groups}):

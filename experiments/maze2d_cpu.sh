@@ -7,6 +7,7 @@
 #   ENV_ID=maze2d-medium RUNS=runs-medium bash experiments/maze2d_cpu.sh
 #   ENV_ID=local/pointmaze/large-v3 RUNS=runs-large-gc bash experiments/maze2d_cpu.sh   # Minari's goal-conditioned task
 #   bash experiments/maze2d_cpu.sh ladder         # the ladder of ablations (docs/results.md), both lanes
+#   bash experiments/maze2d_cpu.sh d4rl-size      # the base on D4RL maze2d-large-v1's size (4M steps), three seeds
 #
 # Logs in $RUNS/lane{1,2}.log. Each lane runs its jobs one after the other with one torch thread, so the two lanes
 # share two cores (two one-thread runs made 1.2x more steps per second in all than one two-thread run). Run it again
@@ -22,8 +23,9 @@ export OMP_NUM_THREADS=1 DYDIFF_OFFLINE=1
 # The CPU configuration of the models (docs/scripts.md, "Presets"); both tasks of one dataset share the DM and the ensemble.
 PRETRAIN=(--env-id "$ENV_ID" --preset cpu --models-dir "$MODELS" --dataset-steps 1000000)
 # Paper (Table 4 / CORL): 1M steps, evaluation every 5k, B_r 2048 every 500 steps, a 2M-transition buffer.
-# The data: 1M generated steps (Minari's size; the results so far were all made on it).
-RUN=(--env-id "$ENV_ID" --models-dir "$MODELS" --dataset-steps 1000000 --total-steps 200000 --eval-freq 1000
+# The data: 1M generated steps (Minari's size; the results so far were all made on it) unless DATA_STEPS says otherwise.
+DATA_STEPS=${DATA_STEPS:-1000000}
+RUN=(--env-id "$ENV_ID" --models-dir "$MODELS" --total-steps 200000 --eval-freq 1000
      --eval-episodes 10 --rollout-freq 500 --rollout-batch-size 64 --synthetic-buffer-size 62000)
 SUMMARIES=${SUMMARIES:-results/$(echo "$ENV_ID" | sed 's/[^A-Za-z0-9_.-]/_/g')}
 FOLDER="$MODELS/$(echo "$ENV_ID" | sed 's/[^A-Za-z0-9_.-]/_/g')"
@@ -39,7 +41,7 @@ run() {  # run ARM SEED FLAGS...: one training run, skipped if finished or summa
     echo "$arm seed $seed: resuming $folder"; $PY dydiff_td3bc.py --resume "$folder"
   else
     rm -rf "$dir"; echo "$arm seed $seed: starting"
-    $PY dydiff_td3bc.py "${RUN[@]}" --seed "$seed" --exp-name "dydiff_td3bc-$arm" --runs-dir "$dir" "$@"
+    $PY dydiff_td3bc.py "${RUN[@]}" --dataset-steps "$DATA_STEPS" --seed "$seed" --exp-name "dydiff_td3bc-$arm" --runs-dir "$dir" "$@"
   fi
 }
 
@@ -90,6 +92,21 @@ ladder2() {
   run sim-true-volume 2 "${SIM[@]}" --rollout-rewards simulator "${VOLUME[@]}"
 }
 
+# The base on D4RL maze2d-large-v1's size (4M steps; the default of maze2d-large) beside the 1M base: does the data
+# size move it? Lane 1 generates the data (about 6 min), lane 2 waits for it.
+d4rl_size1() {
+  DATA_STEPS=4000000
+  $PY -m common.datasets "$ENV_ID" --dataset-steps "$DATA_STEPS" --offline
+  run base-4m 1 --no-dydiff; run base-4m 3 --no-dydiff
+}
+d4rl_size2() {
+  DATA_STEPS=4000000
+  until $PY -c "import sys; from common.datasets import load_dataset as l; l('$ENV_ID', offline=True, generate=False, dataset_steps=$DATA_STEPS, progress=False)" 2>/dev/null; do
+    echo "waiting for lane 1's data"; sleep 60
+  done
+  run base-4m 2 --no-dydiff
+}
+
 start() {  # start LANE_A LANE_B: both lanes in the background
   mkdir -p "$OUT"
   setsid nohup bash "$0" "$1" > "$OUT/$1.log" 2>&1 &
@@ -102,7 +119,10 @@ case "${1:-both}" in
   2) lane2 ;;
   ladder1) ladder1 ;;
   ladder2) ladder2 ;;
+  d4rl-size1) d4rl_size1 ;;
+  d4rl-size2) d4rl_size2 ;;
+  d4rl-size) start d4rl-size1 d4rl-size2 ;;
   both) start 1 2 ;;
   ladder) start ladder1 ladder2 ;;
-  *) echo "usage: [ENV_ID=...] [RUNS=...] bash $0 [1|2|both|ladder1|ladder2|ladder]" >&2; exit 2 ;;
+  *) echo "usage: [ENV_ID=...] [RUNS=...] bash $0 [1|2|both|ladder1|ladder2|ladder|d4rl-size1|d4rl-size2|d4rl-size]" >&2; exit 2 ;;
 esac

@@ -22,7 +22,8 @@ def test_maze2d_names_map_to_pointmaze_v2():
     spec = resolve_env_id("maze2d-large")
     assert spec.minari_ids == ("D4RL/pointmaze/large-v2",)
     assert spec.maze == "large" and not spec.dense
-    assert spec.local_id() == "local/pointmaze/large-v3"
+    assert spec.local_id(1_000_000) == "local/pointmaze/large-v3"
+    assert spec.local_id() == "local/pointmaze/large-4000000steps-seed123-v3"  # D4RL maze2d-large-v1's size
     assert spec.local_id(20_000, 3) == "local/pointmaze/large-20000steps-seed3-v3"
     dense = resolve_env_id("maze2d-umaze-dense")
     assert dense.minari_ids == ("D4RL/pointmaze/umaze-dense-v2",) and dense.dense

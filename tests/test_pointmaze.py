@@ -220,3 +220,41 @@ def test_flat_transitions_carry_the_goal_they_are_scored_against():
     s = int(data.episode_starts[1])
     np.testing.assert_array_equal(data.observations[s, 4:6], stored_goal[1].astype(np.float32))
     np.testing.assert_array_equal(data.observations[s - 1, 4:6], stored_goal[0].astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- D4RL's sizes by default
+def test_the_fixed_goal_tasks_default_to_d4rls_sizes_and_minari_ids_to_minaris():
+    sizes = {m: datasets.resolve_env_id(f"maze2d-{m}").default_steps for m in ("umaze", "medium", "large")}
+    assert sizes == {"umaze": 1_000_000, "medium": 2_000_000, "large": 4_000_000}
+    assert datasets.resolve_env_id("maze2d-large-dense").default_steps == 4_000_000
+    assert datasets.resolve_env_id("D4RL/pointmaze/large-v2").default_steps == 1_000_000
+    spec = datasets.resolve_env_id("maze2d-large")
+    assert spec.local_id() == "local/pointmaze/large-4000000steps-seed123-v3"
+    assert spec.local_id(1_000_000) == "local/pointmaze/large-v3"  # Minari's recipe keeps its name (and fingerprint)
+
+
+def test_a_run_without_dataset_steps_generates_d4rls_size(monkeypatch):
+    made = []
+    monkeypatch.setattr(minari, "list_local_datasets", lambda *a, **k: {})
+
+    def generate(dataset_id, maze, dense, dataset_steps, **k):
+        made.append((dataset_id, maze, dataset_steps))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(pointmaze, "generate_dataset", generate)
+    with pytest.raises(RuntimeError, match="stop here"):
+        load_dataset("maze2d-medium", offline=True, progress=False)
+    assert made == [("local/pointmaze/medium-2000000steps-seed123-v3", "medium", 2_000_000)]
+
+
+def test_minaris_official_data_are_used_as_they_are_with_one_line_on_d4rls_size(monkeypatch, capsys):
+    spec = datasets.resolve_env_id("maze2d-large")
+    monkeypatch.setattr(minari, "list_local_datasets", lambda *a, **k: {"D4RL/pointmaze/large-v2": None})
+    ids = datasets._fetch(spec, offline=True, generate=True, dataset_steps=4_000_000, seed=123, progress=False)
+    assert ids == ["D4RL/pointmaze/large-v2"]
+    err = capsys.readouterr().err
+    assert "as it is (1M steps)" in err and "maze2d-large-v1 held 4,000,000" in err and len(err.splitlines()) == 1
+    spec = datasets.resolve_env_id("maze2d-umaze")  # D4RL's umaze held 1M too: nothing to say
+    monkeypatch.setattr(minari, "list_local_datasets", lambda *a, **k: {"D4RL/pointmaze/umaze-v2": None})
+    datasets._fetch(spec, offline=True, generate=True, dataset_steps=1_000_000, seed=123, progress=False)
+    assert capsys.readouterr().err == ""

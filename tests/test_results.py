@@ -43,7 +43,13 @@ def fake_run(
     (run / "task.json").write_text(json.dumps(dict(form=form, dataset_ids=["local/pointmaze/large-v3"])))
     if finished:
         final = sum(scores[-5:]) / len(scores[-5:])
-        result = dict(form=form, final_normalized_score=final, evaluations=scores, wall_time_s=wall)
+        result = dict(
+            form=form,
+            dataset_ids=["local/pointmaze/large-v3"],
+            final_normalized_score=final,
+            evaluations=scores,
+            wall_time_s=wall,
+        )
         (run / "result.json").write_text(json.dumps(dict(result, final_d4rl_normalized_score=2 * final)))
     return run
 
@@ -256,3 +262,33 @@ def test_the_evaluation_episode_length_is_recorded_or_the_registration_s():
     assert length("maze2d-large") == "800" and length("local/pointmaze/umaze-v3") == "300"
     assert length("maze2d-large", eval_max_steps=1000) == "1,000" and length("hopper-medium") == "1,000"
     assert length("my/other-v0") == "—"
+
+
+def test_runs_on_data_of_other_sizes_are_arms_of_their_own(runs, tmp_path):
+    root = runs[0][0].parent
+    for seed in (1, 2):  # the base on D4RL's 4M: the size is read from the local dataset's id, or recorded
+        run = fake_run(root, f"base4m{seed}", seed, [60.0] * 6, dydiff=False)
+        task = dict(form="fixed-goal", dataset_ids=["local/pointmaze/large-4000000steps-seed123-v3"])
+        if seed == 2:
+            task = dict(task, dataset_ids=["some/other-id"], size=4_000_000)
+        result = json.loads((run / "result.json").read_text())
+        (run / "result.json").write_text(json.dumps(dict(result, **task)))
+    summaries = results.load(sorted(root.iterdir()))
+    groups = results.group(summaries)
+    arms = {arm for _, _, arm in groups}
+    assert {"TD3+BC, 1M data", "TD3+BC, 4M data"} <= arms and "TD3+BC" not in arms
+    assert [s["seed"] for s in groups[("maze2d-large", "fixed-goal", "TD3+BC, 4M data")]] == [1, 2]
+    assert "TD3+BC + DyDiff (M=1)" in arms  # an arm with one size keeps its name
+    # the paper's column stands beside either size (its data were D4RL's)
+    assert results.paper_score("maze2d-large", "fixed-goal", "TD3+BC, 4M data") == "43 ± 46"
+    assert results.paper_score("maze2d-large", "fixed-goal", "TD3+BC, 1M data") == "43 ± 46"
+    # the ladder keeps the augmented runs' size: its base line is the 1M base, not a panel of its own
+    results.ladder_plot(summaries, tmp_path / "ladder.png")
+    assert (tmp_path / "ladder.png").stat().st_size > 10_000
+
+
+def test_the_data_size_of_older_summaries_comes_from_the_dataset_id():
+    assert results.dataset_size(dict(dataset_ids=["local/pointmaze/large-v3"])) == 1_000_000
+    assert results.dataset_size(dict(dataset_ids=["local/pointmaze/large-dense-2000000steps-seed123-v3"])) == 2_000_000
+    assert results.dataset_size(dict(dataset_ids=["D4RL/pointmaze/large-v2"])) is None
+    assert results.dataset_size(dict(dataset_ids=["D4RL/pointmaze/large-v2"], dataset_size=123)) == 123
