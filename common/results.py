@@ -307,7 +307,42 @@ def table(summaries: list[dict]) -> str:
             f"| {env_id} | {TASK_NAMES.get(task, task)} | {arm} | {len(done)} | {score} | {per_seed} | {d4rl} | {paper} "
             f"| {overall} | {held} | {steps} | {length} | {wall} |"
         )
+    notes = [
+        f"- {env_id}, {TASK_NAMES.get(task, task)}, {arm}: " + "; ".join(mixed)
+        for (env_id, task, arm), runs in group(summaries).items()
+        if (mixed := mixed_settings(runs))
+    ]
+    if notes:
+        lines += ["", "Settings that differ among the runs of one row (compare its seeds with care):", *notes]
     return "\n".join(lines)
+
+
+def mixed_settings(runs: list[dict]) -> list[str]:
+    """The settings in which one arm's runs differ, one 'setting: value (seeds), value (seeds)' each. An argument
+    not on record (a run older than its flag) counts as no difference; models not on record are said."""
+
+    def seeds(rs):
+        return "seed" + ("s " if len(rs) > 1 else " ") + ", ".join(str(r["seed"]) for r in rs)
+
+    settings = {"total_steps": lambda r: r.get("total_steps"), "data": lambda r: r.get("data_fingerprint")}
+    keys = sorted({k for r in runs for k in r["args"]} - {"models_dir"})
+    settings.update({k: (lambda r, k=k: r["args"].get(k)) for k in keys})
+    out = []
+    for name, value in settings.items():
+        by_value: dict = {}
+        for r in runs:
+            if (v := value(r)) is not None:
+                by_value.setdefault(json.dumps(v, sort_keys=True), []).append(r)
+        if len(by_value) > 1:
+            out.append(f"{name}: " + ", ".join(f"{v} ({seeds(rs)})" for v, rs in by_value.items()))
+    models: dict = {}
+    for r in runs:
+        m = r.get("models")
+        key = "not on record" if m is None else ", ".join(f"{k} {v[:8]}" for k, v in sorted(m.items())) or "none"
+        models.setdefault(key, []).append(r)
+    if len(models) > 1:
+        out.append("models: " + "; ".join(f"{k} ({seeds(rs)})" for k, rs in models.items()))
+    return out
 
 
 def synthetic_table(summaries: list[dict]) -> str:

@@ -105,7 +105,7 @@ def test_summary_of_a_run_folder(runs):
 def test_table_means_and_stds(runs):
     base, dyd, m0 = runs
     text = results.table(results.load([*base, *dyd, *m0]))
-    rows = {line.split(" | ")[2]: line for line in text.splitlines()[2:]}
+    rows = {line.split(" | ")[2]: line for line in text.splitlines()[2:] if line.startswith("|")}
     assert set(rows) == {"TD3+BC", "TD3+BC + DyDiff (M=1)", "TD3+BC + M=0 (ensemble rollouts)"}
     assert all(line.startswith("| maze2d-large | fixed goal (D4RL) |") for line in rows.values())
     assert "| 3 | 20.0 ± 10.0 |" in rows["TD3+BC"] and "| 1 min |" in rows["TD3+BC"]
@@ -292,3 +292,18 @@ def test_the_data_size_of_older_summaries_comes_from_the_dataset_id():
     assert results.dataset_size(dict(dataset_ids=["local/pointmaze/large-dense-2000000steps-seed123-v3"])) == 2_000_000
     assert results.dataset_size(dict(dataset_ids=["D4RL/pointmaze/large-v2"])) is None
     assert results.dataset_size(dict(dataset_ids=["D4RL/pointmaze/large-v2"], dataset_size=123)) == 123
+
+
+def test_the_table_says_where_one_rows_runs_differ_in_a_setting(runs, tmp_path):
+    root = runs[0][0].parent
+    for seed, extra in ((1, {}), (2, dict(models={"reward": "e366dce0bc8f75c1"})), (3, dict(models={"reward": "ffff"}))):
+        run = fake_run(root, f"simmodel{seed}", seed, [40.0] * 6, rollout_states="simulator", eval_episodes=10 + (seed == 3))
+        result = json.loads((run / "result.json").read_text())
+        (run / "result.json").write_text(json.dumps(dict(result, **extra)))
+    text = results.table(results.load(sorted(root.iterdir())))
+    notes = [n for n in text.split("Settings that differ among the runs of one row")[1].splitlines() if "simulator" in n]
+    assert len(notes) == 1 and notes[0].startswith("- maze2d-large, fixed goal (D4RL), TD3+BC + simulator rollouts: ")
+    assert "eval_episodes: 10 (seeds 1, 2), 11 (seed 3)" in notes[0]
+    assert "models: not on record (seed 1); reward e366dce0 (seed 2); reward ffff (seed 3)" in notes[0]
+    base, dyd, _ = runs  # rows whose runs agree have no note
+    assert "Settings that differ" not in results.table(results.load([*base, *dyd]))
