@@ -174,7 +174,8 @@ def load_model_file(folder, name: str, fingerprint=None) -> dict:
         return ckpt
     ours = fingerprint if data is None else data.fingerprint
     hint = ""
-    if data is not None and data.form == "fixed-goal" and ckpt.get("obs_dim", data.obs_dim) != data.obs_dim:
+    minari_fixed_goal = data is not None and data.form == "fixed-goal" and data.d4rl_file is None
+    if minari_fixed_goal and ckpt.get("obs_dim", data.obs_dim) != data.obs_dim:
         hint = (
             f" (it was made for the goal-conditioned task; {data.env_id} is D4RL's fixed-goal task, and "
             f"the goal-conditioned one is --env-id {data.dataset_ids[0]})"
