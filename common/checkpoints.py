@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +128,11 @@ def set_rng_state(state: dict, *generators: torch.Generator) -> None:
 
 
 def models_folder(models_dir: str, env_id: str) -> Path:
-    """Per-dataset folder of the pretrained models: {models_dir}/{env_id} (slashes of Minari ids become '_')."""
-    return Path(models_dir) / re.sub(r"[^A-Za-z0-9_.-]", "_", env_id)
+    """Per-dataset folder of the pretrained models: {models_dir}/{env_id} (slashes of Minari ids become '_'; a D4RL
+    file's folder is named by its stem: models/maze2d-large-sparse-v1)."""
+    from common.d4rl import env_label
+
+    return Path(models_dir) / env_label(env_id)
 
 
 def fits_data(ckpt: dict, name: str, data) -> bool:

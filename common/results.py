@@ -59,7 +59,10 @@ def paper_score(env_id: str, task: str, arm: str) -> str:
     D4RL's fixed-goal maze2d, the base algorithms and DyDiff with M = 1."""
     if task != "fixed-goal":
         return "—"
-    for algo, (base, dydiff) in PAPER_TABLE2.get(env_id, {}).items():
+    from common.d4rl import dataset_name
+
+    name = dataset_name(env_id).removesuffix("-v1")  # a D4RL file, maze2d-large-v1.hdf5: the paper's very data
+    for algo, (base, dydiff) in PAPER_TABLE2.get(name, {}).items():
         for name, (m, s) in ((algo, base), (f"{algo} + DyDiff (M=1)", dydiff)):
             if arm == name:
                 return f"{m} ± {s}"

@@ -5,6 +5,7 @@ model rebuilt in MuJoCo (d4rl/pointmaze/maze_model.py) and recorded the way scri
 generate_maze2d_datasets.py records, and Hopper data recorded the way scripts/generation/mujoco/collect_data.py does.
 """
 
+import json
 import warnings
 
 import gymnasium as gym
@@ -12,6 +13,7 @@ import h5py
 import mujoco
 import numpy as np
 import pytest
+from script_runs import DEVICE_FLAG, MODEL_FLAGS, metrics, nested, run_script
 
 from common import d4rl, pointmaze
 from common.checkpoints import atomic_save, load_model_file
@@ -348,6 +350,28 @@ def test_files_are_named_as_d4rl_names_them(file, name, task):
     assert d4rl.is_d4rl_file(file) and d4rl.dataset_name(file) == name
 
 
+def test_folder_names_and_per_dataset_defaults_of_a_file():
+    from common.checkpoints import models_folder
+
+    assert d4rl.env_label("/data/runs/hopper_medium_replay-v2.hdf5") == "hopper_medium_replay-v2"
+    assert d4rl.env_label("D4RL/pointmaze/large-v2") == "D4RL_pointmaze_large-v2"
+    assert str(models_folder("models", "/a/b/maze2d-large-v1.hdf5")) == "models/maze2d-large-v1"
+    assert d4rl.dataset_name("maze2d-large") == "maze2d-large"
+    # the scripts' defaults read the dataset's name: a folder named "mazes" must not make a hopper file maze2d
+    from dydiff_td3bc import Args, defaults_for
+
+    args = defaults_for(Args(), d4rl.dataset_name("/mazes/hopper_medium_replay-v2.hdf5"))
+    assert (args.num_iterations, args.filter_proportion) == (2, 0.8)
+
+
+def test_runs_on_a_maze2d_file_sit_next_to_the_papers_table_2():
+    from common.results import paper_score
+
+    assert paper_score("/data/maze2d-large-sparse-v1.hdf5", "fixed-goal", "TD3+BC + DyDiff (M=1)") == "182 ± 42"
+    assert paper_score("maze2d-large-v1.hdf5", "fixed-goal", "CQL") == "5 ± 11"
+    assert paper_score("maze2d-large-dense-v1.hdf5", "fixed-goal", "CQL") == "—"  # Table 2 is the sparse task
+
+
 def test_medium_replay_names_point_to_the_d4rl_file():
     with pytest.raises(ValueError, match=r"no MuJoCo medium-replay.*hopper-medium-replay-v2\.hdf5"):
         resolve_env_id("hopper-medium-replay")
@@ -429,3 +453,80 @@ def test_models_made_for_a_minari_dataset_are_refused_for_a_d4rl_file(maze2d, tm
         message = str(e.value)
         assert "trained on dataset D4RL/pointmaze/umaze-v2" in message and maze2d.fingerprint in message
         assert "pretrain models for this dataset" in message and "--env-id d4rl:" not in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------- the scripts
+def _tiny_run(path, models, runs, *extra):
+    return [
+        "--env-id",
+        path,
+        "--eval-episodes",
+        "1",
+        "--eval-max-steps",
+        "30",
+        "--total-steps",
+        "60",
+        "--eval-freq",
+        "60",
+        "--rollout-freq",
+        "50",
+        "--rollout-batch-size",
+        "32",
+        "--rollout-length",
+        "16",
+        "--sampler-steps",
+        "4",
+        "--models-dir",
+        str(models),
+        "--runs-dir",
+        str(runs),
+        DEVICE_FLAG,
+        *nested(MODEL_FLAGS),
+        *extra,
+    ]
+
+
+def test_td3bc_with_dydiff_on_a_maze2d_file_pretrains_and_trains(maze2d_file, tmp_path):
+    path, _ = maze2d_file
+    models, runs = tmp_path / "models", tmp_path / "runs"
+    out = run_script("dydiff_td3bc.py", *_tiny_run(path, models, runs))
+    folder = models / "maze2d-umaze-sparse-v1"  # the file's stem
+    assert "pretrain_models.py --env-id " + path in out.stdout
+    assert all((folder / f).exists() for f in ("dm.pt", "dynamics.pt", "reward.pt", "report.json"))
+    run = next(runs.glob("maze2d-umaze-sparse-v1__dydiff_td3bc__1__*"))
+    args = json.loads((run / "args.json").read_text())
+    assert (args["num_iterations"], args["filter_proportion"], args["eval_max_steps"]) == (1, 0.6, 30)
+    task = json.loads((run / "task.json").read_text())
+    assert task["form"] == "fixed-goal" and task["dataset_ids"] == ["d4rl:maze2d-umaze-v1"] and task["d4rl_file"] == path
+    m = metrics(run)
+    assert [r["step"] for r in m if "dydiff/kept_fraction" in r] == [0, 50]
+    assert any("eval/d4rl_normalized_score" in r for r in m)
+    assert json.loads((run / "result.json").read_text())["total_steps"] == 60
+
+
+def test_td3bc_with_dydiff_on_a_hopper_medium_replay_file(hopper_file, tmp_path):
+    path, _ = hopper_file
+    runs = tmp_path / "runs"
+    run_script("dydiff_td3bc.py", *_tiny_run(path, tmp_path / "models", runs))
+    run = next(runs.glob("hopper-medium-replay-v2__dydiff_td3bc__1__*"))
+    args = json.loads((run / "args.json").read_text())
+    assert (args["num_iterations"], args["filter_proportion"]) == (2, 0.8)  # Table 4's medium-replay defaults
+    m = metrics(run)
+    assert [r["step"] for r in m if "dydiff/kept_fraction" in r] == [0, 50]
+    assert json.loads((run / "result.json").read_text())["total_steps"] == 60
+
+
+@pytest.mark.parametrize("script", ["dydiff_cql.py", "dydiff_diffql.py"])
+def test_cql_and_diffql_train_on_a_maze2d_file(maze2d_file, tmp_path, script):
+    path, _ = maze2d_file
+    extra = ["--batch-size", "32", "--cql-n-actions", "2"] if script == "dydiff_cql.py" else []
+    run_script(script, *_tiny_run(path, tmp_path / "models", tmp_path / "runs", "--no-dydiff", *extra))
+    run = next((tmp_path / "runs").glob("maze2d-umaze-sparse-v1__*"))
+    assert json.loads((run / "result.json").read_text())["total_steps"] == 60
+
+
+def test_a_script_stops_with_the_files_one_line(tmp_path):
+    path = write_d4rl_file(tmp_path / "mystery.hdf5", _small_maze2d())
+    out = run_script("dydiff_td3bc.py", "--env-id", path, "--no-dydiff", DEVICE_FLAG, check=False)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1].startswith(f"cannot tell which D4RL dataset {path} holds from its name")
