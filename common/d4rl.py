@@ -198,24 +198,21 @@ def read_file(path: str, spec: D4RLTask) -> dict[str, np.ndarray]:
             f"no D4RL file at {path}; download it (D4RL's dataset URLs are in d4rl/infos.py) or fix the path"
         )
     redownload = "download it again"
+    optional = ("next_observations", "infos/qpos", "infos/qvel", "infos/goal")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in REQUIRED_KEYS if not isinstance(f.get(k), h5py.Dataset)]
-            if missing:
-                keys = []
-                f.visititems(lambda name, item: keys.append(name) if isinstance(item, h5py.Dataset) else None)
-                raise ValueError(
-                    f"D4RL file {path} has no {', '.join(repr(k) for k in missing)} (it has: {', '.join(keys) or 'nothing'}); "
-                    f"it is not a complete D4RL {spec.name} file: {redownload}"
-                )
-            optional = ("next_observations", "infos/qpos", "infos/qvel", "infos/goal")
-            arrays = {k: f[k][()] for k in REQUIRED_KEYS}
-            arrays.update({k: f[k][()] for k in optional if isinstance(f.get(k), h5py.Dataset)})
-    except (ValueError, FileNotFoundError):
-        raise
-    except Exception as e:  # not HDF5, truncated, damaged: h5py raises OSError and others
+            keys = []
+            f.visititems(lambda name, item: keys.append(name) if isinstance(item, h5py.Dataset) else None)
+            arrays = {k: f[k][()] for k in REQUIRED_KEYS + optional if k in keys}
+    except Exception as e:  # not HDF5, truncated, damaged: h5py raises OSError, ValueError and others
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"D4RL file {path} cannot be read ({type(e).__name__}: {message}); {redownload}") from None
+    missing = [k for k in REQUIRED_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(
+            f"D4RL file {path} has no {', '.join(repr(k) for k in missing)} (it has: {', '.join(keys) or 'nothing'}); "
+            f"it is not a complete D4RL {spec.name} file: {redownload}"
+        )
     obs_dim, act_dim, nq, nv = spec.sizes
     n = len(arrays["observations"]) if np.ndim(arrays["observations"]) >= 1 else 0
     for k in ("rewards", "terminals", "timeouts"):

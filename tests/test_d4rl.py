@@ -394,6 +394,7 @@ def _small_maze2d(n=40):
     [
         ("missing file", FileNotFoundError, r"no D4RL file at .*maze2d-umaze-v1\.hdf5; download it"),
         ("not hdf5", ValueError, r"cannot be read \(.*\); download it again"),
+        ("truncated", ValueError, r"cannot be read \(.*\); download it again"),
         ("no timeouts", ValueError, r"has no 'timeouts' \(it has: .*\); it is not a complete D4RL maze2d-umaze-v1 file"),
         ("short actions", ValueError, r"'actions' has shape \(39, 2\), expected \(40, 2\) for maze2d-umaze-v1"),
         ("hopper-sized observations", ValueError, r"'observations' has shape \(40, 11\), expected \(40, 4\)"),
@@ -424,6 +425,8 @@ def test_a_bad_file_stops_with_one_line_naming_the_problem(tmp_path, case, error
         elif case == "terminals without next states":
             arrays["terminals"][10] = True
         write_d4rl_file(path, arrays)
+        if case == "truncated":
+            path.write_bytes(path.read_bytes()[:3000])
     with pytest.raises(error, match=match) as e:
         load_dataset(str(path))
     assert "\n" not in str(e.value)
