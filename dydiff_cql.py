@@ -26,6 +26,7 @@ from common.args import shared_arg_problems
 from common.buffer import SyntheticBuffer
 from common.checkpoints import load_or_pretrain_models
 from common.config import PretrainConfig, cpu_cost_line
+from common.d4rl import dataset_name
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import refine_states
 from common.envs import evaluate, numpy_policy, termination_fn
@@ -406,7 +407,7 @@ def make_update_fn(nets, optimizers, args, max_action, obs_mean, obs_std, action
 
 if __name__ == "__main__":
     args = parse_args(Args, flag_pair(sys.argv[1:]))
-    args = defaults_for(args, args.env_id)
+    args = defaults_for(args, dataset_name(args.env_id))  # a D4RL file: by its dataset's name
     check_args(args)
     if args.offline:
         os.environ[OFFLINE_ENV_VAR] = "1"

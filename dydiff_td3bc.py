@@ -24,6 +24,7 @@ from common.buffer import SyntheticBuffer
 from common.checkpoints import load_or_pretrain_models
 from common.config import PretrainConfig, cpu_cost_line
 from common.cudagraphs import cuda_graphed
+from common.d4rl import dataset_name
 from common.datasets import OFFLINE_ENV_VAR, load_dataset
 from common.edm import refine_states
 from common.envs import evaluate, numpy_policy, termination_fn
@@ -281,7 +282,7 @@ def critic_on_real_and_synthetic(qf, batch, n_syn, obs_mean, obs_std) -> dict:
 
 if __name__ == "__main__":
     args = parse_args(Args)
-    args = defaults_for(args, args.env_id)
+    args = defaults_for(args, dataset_name(args.env_id))  # a D4RL file: by its dataset's name
     check_args(args)
     if args.offline:
         os.environ[OFFLINE_ENV_VAR] = "1"

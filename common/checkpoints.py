@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +128,11 @@ def set_rng_state(state: dict, *generators: torch.Generator) -> None:
 
 
 def models_folder(models_dir: str, env_id: str) -> Path:
-    """Per-dataset folder of the pretrained models: {models_dir}/{env_id} (slashes of Minari ids become '_')."""
-    return Path(models_dir) / re.sub(r"[^A-Za-z0-9_.-]", "_", env_id)
+    """Per-dataset folder of the pretrained models: {models_dir}/{env_id} (slashes of Minari ids become '_'; a D4RL
+    file's folder is named by its stem: models/maze2d-large-sparse-v1)."""
+    from common.d4rl import env_label
+
+    return Path(models_dir) / env_label(env_id)
 
 
 def fits_data(ckpt: dict, name: str, data) -> bool:
@@ -174,7 +176,8 @@ def load_model_file(folder, name: str, fingerprint=None) -> dict:
         return ckpt
     ours = fingerprint if data is None else data.fingerprint
     hint = ""
-    if data is not None and data.form == "fixed-goal" and ckpt.get("obs_dim", data.obs_dim) != data.obs_dim:
+    minari_fixed_goal = data is not None and data.form == "fixed-goal" and data.d4rl_file is None
+    if minari_fixed_goal and ckpt.get("obs_dim", data.obs_dim) != data.obs_dim:
         hint = (
             f" (it was made for the goal-conditioned task; {data.env_id} is D4RL's fixed-goal task, and "
             f"the goal-conditioned one is --env-id {data.dataset_ids[0]})"

@@ -13,12 +13,13 @@ import os
 import socket
 import sys
 from dataclasses import dataclass, field, replace
+from typing import Callable
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
-from common import pointmaze
+from common import d4rl, pointmaze
 from common.envs import PhysicalObservation, normalized_score, register_envs, task_of, vector_env
 
 OFFLINE_ENV_VAR = "DYDIFF_OFFLINE"
@@ -83,14 +84,18 @@ def resolve_env_id(env_id: str) -> DatasetSpec:
     if task in MUJOCO_TASKS:
         if level == "medium-replay":
             raise ValueError(
-                f"--env-id {env_id!r}: Minari has no MuJoCo medium-replay dataset (D4RL's was never ported); "
-                f"pick another level or pass a Minari id with a slash. Known: {known}"
+                f"--env-id {env_id!r}: Minari has no MuJoCo medium-replay dataset (D4RL's was never ported); pass D4RL's "
+                f"own file instead (--env-id path/to/{task}-medium-replay-v2.hdf5, docs/datasets.md), pick another level "
+                f"or pass a Minari id with a slash. Known: {known}"
             )
         if level == "medium-expert":
             return DatasetSpec(env_id, (f"mujoco/{task}/medium-v0", f"mujoco/{task}/expert-v0"))
         if level in MUJOCO_LEVELS:
             return DatasetSpec(env_id, (f"mujoco/{task}/{level}-v0",))
-    raise ValueError(f"unknown --env-id {env_id!r}; known: {known} (or a Minari dataset id such as mujoco/hopper/medium-v0)")
+    raise ValueError(
+        f"unknown --env-id {env_id!r}; known: {known} (or a Minari dataset id such as mujoco/hopper/medium-v0, or a D4RL "
+        f"file such as path/to/maze2d-large-v1.hdf5)"
+    )
 
 
 def datasets_root() -> str:
@@ -195,6 +200,8 @@ class OfflineData:
     dense_reward: bool = False  # PointMaze: the dense reward exp(-distance) instead of the sparse one
     d4rl_ref_min_score: float | None = None  # D4RL maze2d-v1's reference scores, for scores next to the paper's
     d4rl_ref_max_score: float | None = None
+    eval_env_maker: Callable | None = field(repr=False, default=None)  # max_steps -> env, where no Minari dataset is
+    d4rl_file: str | None = None  # the D4RL .hdf5 file the data come from (common.d4rl), if any
 
     @property
     def size(self) -> int:
@@ -242,6 +249,7 @@ class OfflineData:
             obs_dim=self.obs_dim,
             fingerprint=self.fingerprint,
             physical_fingerprint=self.physical_fingerprint,
+            **({"d4rl_file": self.d4rl_file} if self.d4rl_file else {}),
         )
 
     def tensors(self, device) -> dict:
@@ -267,6 +275,8 @@ class OfflineData:
         """The dataset's real evaluation environment (the fixed-goal task: observing the physical state alone), its
         episodes cut at `max_steps` (None: the registration's length, e.g. 800 for maze2d-large, 1000 for MuJoCo)."""
         register_envs()
+        if self.eval_env_maker is not None:  # a D4RL file: common.d4rl.eval_env_maker
+            return self.eval_env_maker(max_steps)
         kwargs = {} if max_steps is None else {"max_episode_steps": max_steps}
         env = self.minari_dataset.recover_environment(eval_env=True, **kwargs)
         return PhysicalObservation(env) if self.form == "fixed-goal" else env
@@ -520,12 +530,16 @@ def load_dataset(
     seed: int = pointmaze.DEFAULT_SEED,
     progress: bool = True,
 ) -> OfflineData:
-    """Load `env_id` (D4RL-style name or Minari id) as OfflineData, fetching or generating it if needed.
+    """Load `env_id` (D4RL-style name, Minari id or D4RL .hdf5 file) as OfflineData, fetching or generating it if needed.
 
     offline: skip the download attempt (default: the DYDIFF_OFFLINE environment variable).
     dataset_steps, seed: size and seed of a locally generated PointMaze dataset (tests use ~10k steps); None: D4RL's
     size for maze2d-* (1M umaze, 2M medium, 4M large), Minari's 1M for a Minari id (DatasetSpec.default_steps).
+    A path ending in .hdf5 is one of D4RL's own files, read by common.d4rl.load_file (no Minari, no cache).
     """
+    if d4rl.is_d4rl_file(env_id):
+        register_envs()
+        return d4rl.load_file(env_id)
     spec = resolve_env_id(env_id)
     if offline is None:
         offline = os.environ.get(OFFLINE_ENV_VAR, "0").lower() not in ("", "0", "false", "no")

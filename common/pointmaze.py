@@ -103,15 +103,17 @@ def goal_reward(xy, goal, dense: bool):
     return torch.exp(-distance) if dense else (distance <= GOAL_RADIUS).to(xy.dtype)
 
 
-def make_eval_env(maze: str, dense: bool = False) -> gym.Env:
-    """Minari's evaluation env of `maze`: G-only map, continuing_task=True, reset_target=False, 300/600/800 steps.
+def make_eval_env(maze: str, dense: bool = False, max_steps: int | None = None) -> gym.Env:
+    """Minari's evaluation env of `maze`: G-only map, continuing_task=True, reset_target=False, 300/600/800 steps
+    (or `max_steps`).
 
     Every reset draws the start among the free cells other than G, at least half a cell from the (noisy)
     goal, and adds the environment's own U(-0.25, 0.25) position noise: gymnasium-robotics' reset rule.
     """
     register_envs()
-    env = gym.make(gym_env_id(maze, dense), maze_map=eval_maze_map(maze), continuing_task=True, reset_target=False)
-    assert env.spec.max_episode_steps == EVAL_EPISODE_STEPS[maze]
+    kwargs = {} if max_steps is None else {"max_episode_steps": max_steps}
+    env = gym.make(gym_env_id(maze, dense), maze_map=eval_maze_map(maze), continuing_task=True, reset_target=False, **kwargs)
+    assert env.spec.max_episode_steps == (max_steps or EVAL_EPISODE_STEPS[maze])
     return env
 
 

@@ -61,7 +61,10 @@ def paper_score(env_id: str, task: str, arm: str) -> str:
     if task != "fixed-goal":
         return "—"
     arm = re.sub(r", [^,]* data$", "", arm)  # the paper's data were D4RL's; the table names the size beside it
-    for algo, (base, dydiff) in PAPER_TABLE2.get(env_id, {}).items():
+    from common.d4rl import dataset_name
+
+    env = dataset_name(env_id).removesuffix("-v1")  # a D4RL file, maze2d-large-v1.hdf5: the paper's very data
+    for algo, (base, dydiff) in PAPER_TABLE2.get(env, {}).items():
         for name, (m, s) in ((algo, base), (f"{algo} + DyDiff (M=1)", dydiff)):
             if arm == name:
                 return f"{m} ± {s}"

@@ -41,6 +41,7 @@ from common.checkpoints import (
 )
 
 from common.config import PRESETS, PretrainConfig, apply_preset, cpu_command, given_flags
+from common.d4rl import env_label
 
 CHANGEABLE_ON_RESUME = ("--total-steps",)
 
@@ -152,7 +153,7 @@ class Run:
             self._write_args()  # a changed --total-steps holds for later resumes too
             print(f"resuming {self.dir} at step {self.start_step:,} (of {args.total_steps:,})")
         else:
-            name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+            name = f"{env_label(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
             self.dir = Path(args.runs_dir) / name
             if self.task:  # and the pretrained models it uses, by the SHA-256 of their files
                 self.task = {**self.task, "models": model_fingerprints(args)}
