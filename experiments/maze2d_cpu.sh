@@ -7,6 +7,7 @@
 #   ENV_ID=maze2d-medium RUNS=runs-medium bash experiments/maze2d_cpu.sh
 #   ENV_ID=local/pointmaze/large-v3 RUNS=runs-large-gc bash experiments/maze2d_cpu.sh   # Minari's goal-conditioned task
 #   bash experiments/maze2d_cpu.sh ladder         # the ladder of ablations (docs/results.md), both lanes
+#   bash experiments/maze2d_cpu.sh synther        # the paper's baseline, SynthER: its CPU model, then 3 seeds (one lane)
 #
 # Logs in $RUNS/lane{1,2}.log. Each lane runs its jobs one after the other with one torch thread, so the two lanes
 # share two cores (two one-thread runs made 1.2x more steps per second in all than one two-thread run). Run it again
@@ -90,6 +91,17 @@ ladder2() {
   run sim-true-volume 2 "${SIM[@]}" --rollout-rewards simulator "${VOLUME[@]}"
 }
 
+# SynthER (docs/scripts.md, "SynthER"): the CPU-size model (a 0.45M-parameter residual MLP, 40k steps), then its
+# 5M transitions (SynthER's count, with 32 sampler steps instead of its 128: on a briefly trained CPU model of this task
+# the same one-step error, wall share and reward error at a quarter of the cost), generated once by the first run
+# (about 1.3 h of one core) and read by the others, then TD3+BC on them alone (SynthER's offline setting) at the same
+# protocol as the other arms; the RUN array's rollout flags go unused.
+SYNTHER=(--augment synther --synther-samples 5000000 --synther-sampler-steps 32)
+synther() {
+  $PY pretrain_models.py "${PRETRAIN[@]}" --models synther --synther-sampler-steps 32  # keeps a finished model
+  run synther 1 "${SYNTHER[@]}"; run synther 2 "${SYNTHER[@]}"; run synther 3 "${SYNTHER[@]}"
+}
+
 start() {  # start LANE_A LANE_B: both lanes in the background
   mkdir -p "$OUT"
   setsid nohup bash "$0" "$1" > "$OUT/$1.log" 2>&1 &
@@ -104,5 +116,6 @@ case "${1:-both}" in
   ladder2) ladder2 ;;
   both) start 1 2 ;;
   ladder) start ladder1 ladder2 ;;
-  *) echo "usage: [ENV_ID=...] [RUNS=...] bash $0 [1|2|both|ladder1|ladder2|ladder]" >&2; exit 2 ;;
+  synther) synther ;;
+  *) echo "usage: [ENV_ID=...] [RUNS=...] bash $0 [1|2|both|ladder1|ladder2|ladder|synther]" >&2; exit 2 ;;
 esac
