@@ -6,7 +6,9 @@ Every `rollout_freq` gradient steps the learning policy rolls out synthetic traj
 ensemble gives the first draft, the diffusion model (DM) re-samples the states given s_0 and the
 actions M times while the policy relabels the actions with samples a_t ~ pi(.|s_t), a reward model
 scores them, the best are kept and pushed into a FIFO synthetic buffer that is mixed into each batch
-at the real ratio. `--no-dydiff` is the plain CQL; `--num-iterations 0` uses single-step-model rollouts only.
+at the real ratio. `--no-dydiff` is the plain CQL; `--num-iterations 0` uses single-step-model rollouts only;
+`--augment synther` is the paper's baseline, SynthER: CQL on transitions generated once, before training, by a
+diffusion model of the dataset's transitions.
 """
 
 import math
@@ -32,6 +34,7 @@ from common.edm import refine_states
 from common.envs import evaluate, numpy_policy, termination_fn
 from common.pointmaze import BatchedSimulator, true_rewards
 from common.runs import Run, parse_args
+from common.synther import load_or_generate as synther_transitions
 
 
 @dataclass
@@ -106,9 +109,14 @@ class Args:
     eval_max_steps: Optional[int] = None
     """length of an evaluation episode; default: the env's registration (maze2d 300/600/800 by maze, MuJoCo 1000)"""
 
-    # DyDiff (paper Table 4)
+    # The augmentation: DyDiff (the paper's method), SynthER (the paper's baseline) or none (the base algorithm)
+    augment: Literal["dydiff", "synther", "none"] = "dydiff"
+    """dydiff = rollouts of the learning policy (paper Algorithm 1); synther = SynthER's transitions, generated once
+    before training by a diffusion model of the dataset's transitions; none = the plain base algorithm"""
     dydiff: bool = True
-    """augment with DyDiff rollouts; --no-dydiff is the plain base algorithm"""
+    """--no-dydiff is --augment none (kept for older commands and run folders)"""
+
+    # DyDiff (paper Table 4)
     rollout_freq: int = 500
     """gradient steps between two rollout steps"""
     rollout_batch_size: int = 2048
@@ -117,14 +125,16 @@ class Args:
     """L: length of a synthetic trajectory (the DM's horizon)"""
     num_iterations: Optional[int] = None
     """M: DM <-> policy refinement iterations (paper Alg. 1); default 1 maze2d, 2 MuJoCo; 0 = ensemble only"""
-    filter: Literal["softmax", "hardmax"] = "softmax"
-    """trajectory filter: top-k (hardmax) or sampling without replacement p ~ exp(z-scored return / T)"""
+    filter: Literal["softmax", "hardmax", "none"] = "softmax"
+    """trajectory filter: top-k (hardmax) or sampling without replacement p ~ exp(z-scored return / T); with
+    --augment synther none unless given (softmax: SynthER-f, paper Table 6, on each transition's generated reward)"""
     filter_temperature: float = 0.05
     """T of the softmax filter"""
     filter_proportion: Optional[float] = None
     """eta: fraction of trajectories kept; default 0.6 (maze2d, medium), 0.8 (medium-replay, medium-expert)"""
     real_ratio: float = 0.6
-    """alpha: fraction of real transitions in a batch (all real while the synthetic buffer is empty)"""
+    """alpha: fraction of real transitions in a batch (all real while the synthetic buffer is empty); with
+    --augment synther 0 unless given (SynthER's offline runs train on its transitions alone)"""
     synthetic_buffer_size: int = 2_000_000
     """capacity of the FIFO synthetic buffer (transitions)"""
     average_with_previous: bool = False
@@ -150,10 +160,16 @@ class Args:
     rollout_rewards: Literal["model", "simulator"] = "model"
     """what the filter ranks and D_syn stores: the reward model's rewards, or the task's true rewards"""
 
+    # SynthER (Lu et al. 2023), the paper's baseline: --augment synther (docs/scripts.md, "SynthER")
+    synther_samples: int = 5_000_000
+    """transitions SynthER generates once before training (SynthER: 5M), cached beside its model"""
+    synther_sampler_steps: int = 128
+    """Heun steps of SynthER's sampler (SynthER: 128)"""
+
 
 def defaults_for(args: Args, env_id: str) -> Args:
     """Fill the per-dataset defaults of paper Table 4 and of CORL's CQL configs."""
-    if args.num_iterations is None:
+    if args.num_iterations is None and args.augment != "synther":  # SynthER makes no rollouts
         args.num_iterations = 1 if "maze" in env_id else 2
     if args.filter_proportion is None:
         args.filter_proportion = 0.8 if ("medium-replay" in env_id or "medium-expert" in env_id) else 0.6
@@ -449,6 +465,15 @@ if __name__ == "__main__":
         is_terminal = termination_fn(data.task)
         dm_bf16 = args.dm_bf16 and device.type == "cuda"  # bf16 convolutions are slow on most CPUs
 
+    # SynthER (the paper's baseline): transitions generated once, before training, by a diffusion model of the
+    # dataset's transitions (pretrained first if missing); cached beside it, so every seed reads the same ones
+    if args.augment == "synther":
+        load_or_pretrain_models(args, data, device)
+        syn, syn_info = synther_transitions(args, data, device)
+        if args.filter != "none":  # SynthER-f (paper Table 6): DyDiff's filter on each transition's generated reward
+            keep = filter_trajectories(syn["rewards"], args.filter_proportion, args.filter, args.filter_temperature, gen)
+            syn = {k: v[keep] for k, v in syn.items()}
+
     # Networks
     actor = TanhGaussianPolicy(obs_dim, A, max_action).to(device)
     qf1, qf2 = Critic(obs_dim, A).to(device), Critic(obs_dim, A).to(device)
@@ -460,7 +485,11 @@ if __name__ == "__main__":
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     alpha_optimizer = torch.optim.Adam(log_alpha.parameters(), lr=args.policy_lr)  # as CORL: the policy's lr
     alpha_prime_optimizer = torch.optim.Adam(log_alpha_prime.parameters(), lr=args.qf_lr)
-    synthetic = SyntheticBuffer(args.synthetic_buffer_size, obs_dim, A, device)
+    # D_syn: DyDiff's FIFO buffer of rollouts, or all of SynthER's transitions from the start
+    synther = args.augment == "synther"
+    synthetic = SyntheticBuffer(len(syn["obs"]) if synther else args.synthetic_buffer_size, obs_dim, A, device)
+    if synther:
+        synthetic.add(**syn)
 
     def policy(obs):
         """The learning policy on raw observations, sampling a ~ pi(.|s) (what the rollout and relabelling call)."""
@@ -475,25 +504,24 @@ if __name__ == "__main__":
     update = make_update_fn(nets, optimizers, args, max_action, obs_mean, obs_std, A)
 
     # The run folder: a new one, or the killed run of --resume with everything its checkpoint holds
-    run = Run(
-        args,
-        dict(
-            actor=actor,
-            qf1=qf1,
-            qf2=qf2,
-            qf1_target=qf1_target,
-            qf2_target=qf2_target,
-            log_alpha=log_alpha,
-            log_alpha_prime=log_alpha_prime,
-            q_optimizer=q_optimizer,
-            actor_optimizer=actor_optimizer,
-            alpha_optimizer=alpha_optimizer,
-            alpha_prime_optimizer=alpha_prime_optimizer,
-            synthetic=synthetic,
-        ),
-        gen,
-        data.describe(),
+    state = dict(
+        actor=actor,
+        qf1=qf1,
+        qf2=qf2,
+        qf1_target=qf1_target,
+        qf2_target=qf2_target,
+        log_alpha=log_alpha,
+        log_alpha_prime=log_alpha_prime,
+        q_optimizer=q_optimizer,
+        actor_optimizer=actor_optimizer,
+        alpha_optimizer=alpha_optimizer,
+        alpha_prime_optimizer=alpha_prime_optimizer,
     )
+    if not synther:  # SynthER's transitions are read again from their cache, not written into every checkpoint
+        state["synthetic"] = synthetic
+    run = Run(args, state, gen, data.describe())
+    if synther:  # how true they are, against the real simulator (measured, not used)
+        run.log_synther(data, syn, syn_info)
 
     # Training loop
     for global_step in run.steps(on_cpu=device.type == "cpu"):

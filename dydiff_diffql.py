@@ -8,7 +8,8 @@ state) rolls out synthetic trajectories: a dynamics ensemble gives the first dra
 (DM) re-samples the states given s_0 and the actions M times while the policy relabels the actions, a
 reward model scores them, the best are kept and pushed into a FIFO synthetic buffer that is mixed into
 each batch at the real ratio. `--no-dydiff` is the plain Diffusion-QL; `--num-iterations 0` uses
-single-step-model rollouts only.
+single-step-model rollouts only; `--augment synther` is the paper's baseline, SynthER: Diffusion-QL on transitions
+generated once, before training, by a diffusion model of the dataset's transitions.
 
 Per-dataset eta and grad_norm (gradient-norm clipping of actor and critics) are the Diffusion-QL
 authors' `hyperparameters` dict in main.py of github.com/Zhendong-Wang/Diffusion-Policies-for-Offline-RL
@@ -50,6 +51,7 @@ from common.edm import refine_states
 from common.envs import evaluate, numpy_policy, termination_fn
 from common.pointmaze import BatchedSimulator, true_rewards
 from common.runs import Run, parse_args
+from common.synther import load_or_generate as synther_transitions
 
 
 @dataclass
@@ -129,9 +131,14 @@ class Args:
     eval_max_steps: Optional[int] = None
     """length of an evaluation episode; default: the env's registration (maze2d 300/600/800 by maze, MuJoCo 1000)"""
 
-    # DyDiff (paper Table 4)
+    # The augmentation: DyDiff (the paper's method), SynthER (the paper's baseline) or none (the base algorithm)
+    augment: Literal["dydiff", "synther", "none"] = "dydiff"
+    """dydiff = rollouts of the learning policy (paper Algorithm 1); synther = SynthER's transitions, generated once
+    before training by a diffusion model of the dataset's transitions; none = the plain base algorithm"""
     dydiff: bool = True
-    """augment with DyDiff rollouts; --no-dydiff is the plain base algorithm"""
+    """--no-dydiff is --augment none (kept for older commands and run folders)"""
+
+    # DyDiff (paper Table 4)
     rollout_freq: int = 250
     """gradient steps between two rollout steps (the released code: one rollout per epoch of 250 steps)"""
     rollout_batch_size: int = 2048
@@ -140,14 +147,16 @@ class Args:
     """L: length of a synthetic trajectory (the DM's horizon)"""
     num_iterations: Optional[int] = None
     """M: DM <-> policy refinement iterations (paper Alg. 1); default 1 maze2d, 2 MuJoCo; 0 = ensemble only"""
-    filter: Literal["softmax", "hardmax"] = "softmax"
-    """trajectory filter: top-k (hardmax) or sampling without replacement p ~ exp(z-scored return / T)"""
+    filter: Literal["softmax", "hardmax", "none"] = "softmax"
+    """trajectory filter: top-k (hardmax) or sampling without replacement p ~ exp(z-scored return / T); with
+    --augment synther none unless given (softmax: SynthER-f, paper Table 6, on each transition's generated reward)"""
     filter_temperature: float = 0.05
     """T of the softmax filter"""
     filter_proportion: Optional[float] = None
     """eta: fraction of trajectories kept; default 0.6 (maze2d, medium), 0.8 (medium-replay, medium-expert)"""
     real_ratio: float = 0.6
-    """alpha: fraction of real transitions in a batch (all real while the synthetic buffer is empty)"""
+    """alpha: fraction of real transitions in a batch (all real while the synthetic buffer is empty); with
+    --augment synther 0 unless given (SynthER's offline runs train on its transitions alone)"""
     synthetic_buffer_size: int = 2_000_000
     """capacity of the FIFO synthetic buffer (transitions)"""
     average_with_previous: bool = False
@@ -172,6 +181,12 @@ class Args:
     round was given (so each stored transition is consistent with the dynamics that made it)"""
     rollout_rewards: Literal["model", "simulator"] = "model"
     """what the filter ranks and D_syn stores: the reward model's rewards, or the task's true rewards"""
+
+    # SynthER (Lu et al. 2023), the paper's baseline: --augment synther (docs/scripts.md, "SynthER")
+    synther_samples: int = 5_000_000
+    """transitions SynthER generates once before training (SynthER: 5M), cached beside its model"""
+    synther_sampler_steps: int = 128
+    """Heun steps of SynthER's sampler (SynthER: 128)"""
 
 
 # (eta, grad_norm) of Diffusion-QL's main.py `hyperparameters` (the -v2 Gym locomotion datasets).
@@ -201,7 +216,7 @@ def diffql_hyperparameters(env_id: str) -> tuple[float, float]:
 
 def defaults_for(args: Args, env_id: str) -> Args:
     """Fill the per-dataset defaults of paper Table 4 and of Diffusion-QL's table."""
-    if args.num_iterations is None:
+    if args.num_iterations is None and args.augment != "synther":  # SynthER makes no rollouts
         args.num_iterations = 1 if "maze" in env_id else 2
     if args.filter_proportion is None:
         args.filter_proportion = 0.8 if ("medium-replay" in env_id or "medium-expert" in env_id) else 0.6
@@ -504,6 +519,15 @@ if __name__ == "__main__":
         is_terminal = termination_fn(data.task)
         dm_bf16 = args.dm_bf16 and device.type == "cuda"  # bf16 convolutions are slow on most CPUs
 
+    # SynthER (the paper's baseline): transitions generated once, before training, by a diffusion model of the
+    # dataset's transitions (pretrained first if missing); cached beside it, so every seed reads the same ones
+    if args.augment == "synther":
+        load_or_pretrain_models(args, data, device)
+        syn, syn_info = synther_transitions(args, data, device)
+        if args.filter != "none":  # SynthER-f (paper Table 6): DyDiff's filter on each transition's generated reward
+            keep = filter_trajectories(syn["rewards"], args.filter_proportion, args.filter, args.filter_temperature, gen)
+            syn = {k: v[keep] for k, v in syn.items()}
+
     # Networks
     actor = DiffusionPolicy(NoiseMLP(obs_dim, A), A, max_action, args.n_timesteps).to(device)
     ema_actor = copy.deepcopy(actor).requires_grad_(False)
@@ -518,7 +542,11 @@ if __name__ == "__main__":
     schedulers = (
         [torch.optim.lr_scheduler.LambdaLR(o, cosine) for o in (actor_optimizer, critic_optimizer)] if args.lr_decay else []
     )
-    synthetic = SyntheticBuffer(args.synthetic_buffer_size, obs_dim, A, device)
+    # D_syn: DyDiff's FIFO buffer of rollouts, or all of SynthER's transitions from the start
+    synther = args.augment == "synther"
+    synthetic = SyntheticBuffer(len(syn["obs"]) if synther else args.synthetic_buffer_size, obs_dim, A, device)
+    if synther:
+        synthetic.add(**syn)
 
     def norm(obs):
         return (obs - obs_mean) / obs_std
@@ -543,21 +571,20 @@ if __name__ == "__main__":
     )
 
     # The run folder: a new one, or the killed run of --resume with everything its checkpoint holds
-    run = Run(
-        args,
-        dict(
-            actor=actor,
-            ema_actor=ema_actor,
-            critic=critic,
-            critic_target=critic_target,
-            actor_optimizer=actor_optimizer,
-            critic_optimizer=critic_optimizer,
-            schedulers=schedulers,
-            synthetic=synthetic,
-        ),
-        gen,
-        data.describe(),
+    state = dict(
+        actor=actor,
+        ema_actor=ema_actor,
+        critic=critic,
+        critic_target=critic_target,
+        actor_optimizer=actor_optimizer,
+        critic_optimizer=critic_optimizer,
+        schedulers=schedulers,
     )
+    if not synther:  # SynthER's transitions are read again from their cache, not written into every checkpoint
+        state["synthetic"] = synthetic
+    run = Run(args, state, gen, data.describe())
+    if synther:  # how true they are, against the real simulator (measured, not used)
+        run.log_synther(data, syn, syn_info)
 
     # Training loop
     for global_step in run.steps(on_cpu=device.type == "cpu"):

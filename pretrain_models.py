@@ -8,6 +8,10 @@ Then the model report: held-out losses; state error versus horizon of the ensemb
 rollout, of DM samples after M = 1, 2, 3 refinement iterations and of copying s_0; and the one-step
 validity of the DM's generated transitions against the real simulator, by position in the window.
 `--report-only` measures the models already in a folder.
+
+`--models synther` makes the paper's baseline instead (or besides): SynthER's diffusion model of single
+transitions (common/synther.py), with its own report (synther_report.json): its held-out loss, and generated
+transitions checked against the real simulator and the task's reward.
 """
 
 import json
@@ -27,7 +31,9 @@ from tqdm import tqdm
 
 from common.args import non_finite_problems
 from common.checkpoints import (
+    DYDIFF_MODELS,
     MODEL_FILES,
+    PHYSICAL_MODELS,
     DamagedFile,
     atomic_save,
     fits_data,
@@ -36,6 +42,7 @@ from common.checkpoints import (
     load_dynamics,
     load_model_file,
     load_reward,
+    load_synther,
     models_folder,
     previous,
     remove_stale_temporaries,
@@ -50,6 +57,16 @@ from common.edm import EMA, MinMaxNormalizer, build_denoiser, condition_mask, ed
 from common.envs import replay_actions, step_from
 from common.pointmaze import crosses_wall
 from common.runs import stop_on_signals
+from common.synther import (
+    StandardNormalizer,
+    batch_size_for,
+    build_synther,
+    ema_decay,
+    generate,
+    split_rows,
+    transition_checks,
+    transition_rows,
+)
 
 
 @dataclass
@@ -89,8 +106,9 @@ class Args(PretrainConfig):
     """continue an interrupted pretraining (models already finished are kept)"""
     rollout_length: int = 100
     """L: length of the trajectory windows the DM generates"""
-    models: tuple[Literal["dm", "dynamics", "reward"], ...] = ("dm", "dynamics", "reward")
-    """the models to make (a training script asks for those its run uses); the model report needs all three"""
+    models: tuple[Literal["dm", "dynamics", "reward", "synther"], ...] = ("dm", "dynamics", "reward")
+    """the models to make (a training script asks for those its run uses): DyDiff's three by default, whose model
+    report needs all three; synther = the paper's baseline, SynthER (with its own report)"""
     dm_bf16: bool = True
     """train (and sample, in the report) the DM in bfloat16 autocast on a GPU, as the training scripts sample it"""
 
@@ -101,6 +119,8 @@ class Args(PretrainConfig):
     """N: EDM sampler steps (paper Table 3)"""
     sampler_churn: float = 60.0
     """S_churn: EDM's stochasticity (paper Table 3: 60; 0 makes the sampler deterministic)"""
+    synther_sampler_steps: int = 128
+    """Heun steps of SynthER's sampler in its report (SynthER: 128; the training scripts' --synther-sampler-steps)"""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -158,15 +178,16 @@ def dm_config(args) -> dict:
     return dict(horizon=args.rollout_length, **args.dm_network())
 
 
-def load_dm_checkpoint(path):
-    """The DM's training checkpoint, or the one before it if it is damaged (saying so); None if there is none."""
+def load_dm_checkpoint(path, what="the DM"):
+    """A training checkpoint (the DM's, or `what`'s), or the one before it if it is damaged (saying so); None if
+    there is none."""
     for candidate in (path, previous(path)):
         try:
             ckpt = load_checkpoint(candidate)
         except FileNotFoundError:
             continue
         except DamagedFile as e:
-            print(f"{e}; trying the checkpoint before it" if candidate == path else f"{e}; training the DM from scratch")
+            print(f"{e}; trying the checkpoint before it" if candidate == path else f"{e}; training {what} from scratch")
             continue
         if candidate != path:
             print(f"resuming from {candidate.name}, the checkpoint before {path.name}")
@@ -283,6 +304,164 @@ def train_dm(args, data, train_segs, device, folder, log):
         folder / MODEL_FILES["dm"],
     )
     return ema.module.eval(), normalizer
+
+
+def synther_config(args, n_train: int) -> dict:
+    """SynthER's network and training, as saved in synther.pt and synther_train.pt: what must match to keep or resume
+    it (the batch size by SynthER's rule unless given)."""
+    return dict(
+        network=args.synther_network(),
+        steps=args.synther_steps,
+        batch_size=args.synther_batch_size or batch_size_for(n_train),
+        lr=args.synther_lr,
+        ema_decay=args.synther_ema_decay,
+        p_mean=args.p_mean,
+        p_std=args.p_std,
+    )
+
+
+def synther_rows(data, start: int, stop: int) -> np.ndarray:
+    """The transitions data[start:stop] as SynthER's rows (s, a, r, s', terminal)."""
+    part = slice(start, stop)
+    return transition_rows(
+        data.observations[part], data.actions[part], data.rewards[part], data.next_observations[part], data.terminals[part]
+    )
+
+
+def train_synther(args, data, n_train, device, folder, log):
+    """Train SynthER's denoiser on the training transitions, as SynthER's Trainer does (elucidated_diffusion.py):
+    EDM loss on z-scored rows, AdamW, cosine learning-rate decay, gradient norm clipped at 1, an EMA of the weights;
+    resumable from {folder}/synther_train.pt. Batches are drawn uniformly with replacement (SynthER: shuffled epochs)."""
+    rows = synther_rows(data, 0, n_train)
+    normalizer = StandardNormalizer.from_data(rows).to(device)
+    x_all = normalizer.normalize(torch.as_tensor(rows, device=device))  # z-scored once; the loss sees these
+    config = synther_config(args, n_train)
+    C = rows.shape[1]
+    denoiser = build_synther(C, **config["network"]).to(device)
+    ema = EMA(denoiser, decay=0.0)
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=args.synther_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.synther_steps)
+    no_condition = torch.zeros(1, C, dtype=torch.bool, device=device)  # an unconditional model of transitions
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    step = 0
+    ckpt_path = folder / "synther_train.pt"
+    ckpt = load_dm_checkpoint(ckpt_path, "SynthER") if args.resume else None
+    if ckpt is not None:
+        if (ckpt.get("fingerprint"), ckpt.get("config"), "rng" in ckpt) != (data.fingerprint, config, True):
+            print(f"{ckpt_path} is for other data or another SynthER configuration: training SynthER from scratch")
+        else:
+            denoiser.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+            schedule.load_state_dict(ckpt["schedule"])
+            set_rng_state(ckpt["rng"], gen)
+            step = ckpt["step"]
+            print(f"resuming SynthER training at step {step:,} from {ckpt_path}")
+    n_params = sum(p.numel() for p in denoiser.parameters())
+    print(
+        f"SynthER: residual MLP width {args.synther_width}, depth {args.synther_depth}, {n_params / 1e6:.2f}M parameters; "
+        f"{n_train:,} training transitions of {C} dimensions, batch {config['batch_size']}, {args.synther_steps:,} steps"
+    )
+    t0, loss_avg = time.time(), None
+    total = args.synther_steps
+    bar = tqdm(range(step, total), initial=step, total=total, desc="SynthER", mininterval=2.0, smoothing=0)
+    first = step
+    for step in bar:
+        hours = (time.time() - t0) / 20 * (total - step) / 3600 if step == first + 20 else 0.0
+        if hours > 1 and device.type == "cpu":  # a short measurement says this is long: say so, then go on
+            tqdm.write(
+                f"no GPU: the {total - step:,} SynthER steps left will take about {hours:,.1f} h on this CPU "
+                f"(measured). CPU-size models: {cpu_command('pretrain_models.py', args.env_id)} --models synther"
+            )
+        idx = torch.randint(len(x_all), (config["batch_size"],), device=device, generator=gen)
+        loss = edm_loss(denoiser, x_all[idx, None], no_condition, args.p_mean, args.p_std, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+        if (decay := ema_decay(step, args.synther_ema_decay)) is not None:
+            ema.decay = decay
+            ema.update(denoiser)
+        checkpoint = (step + 1) % args.dm_checkpoint_every == 0 or step + 1 == total
+        if (step % 100 == 0 or checkpoint) and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"SynthER loss is {loss.item()} at step {step}; lower --synther-lr (now {args.synther_lr})"
+            )
+        if step % 100 == 0:
+            loss_val = loss.item()
+            loss_avg = loss_val if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_val
+            bar.set_postfix(loss=f"{loss_avg:.4f}")
+            log(
+                {"losses/synther": loss_val, "charts/synther_steps_per_s": (step + 1 - first) / max(time.time() - t0, 1e-9)},
+                step,
+            )
+        if checkpoint:
+            atomic_save(
+                dict(
+                    model=denoiser.state_dict(),
+                    ema=ema.state_dict(),
+                    opt=opt.state_dict(),
+                    schedule=schedule.state_dict(),
+                    rng=rng_state(gen),
+                    step=step + 1,
+                    fingerprint=data.fingerprint,
+                    config=config,
+                ),
+                ckpt_path,
+                keep_previous=True,
+            )
+    atomic_save(
+        dict(
+            model_meta(args, data, **config, params=n_params),
+            state_dict=ema.module.state_dict(),
+            normalizer=normalizer.state_dict(),
+        ),
+        folder / MODEL_FILES["synther"],
+    )
+    return ema.module.eval(), normalizer
+
+
+@torch.no_grad()
+def synther_report(args, data, n_train, denoiser, normalizer, device, folder, log):
+    """SynthER's report: the EDM loss on held-out transitions, and generated transitions checked against the real
+    simulator and the task's reward (common.synther.transition_checks); writes synther_report.json."""
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    C = normalizer.mean.numel()
+    held = normalizer.normalize(torch.as_tensor(synther_rows(data, n_train, data.size), device=device))
+    no_condition = torch.zeros(1, C, dtype=torch.bool, device=device)
+    losses = [
+        float(edm_loss(denoiser, held[idx, None], no_condition, args.p_mean, args.p_std, generator=gen))
+        for idx in torch.randint(len(held), (8, min(1024, len(held))), device=device, generator=gen)
+    ]
+    t0 = time.time()
+    rows = generate(denoiser, normalizer, args.synther_report_transitions, args.synther_sampler_steps, gen, progress=False)
+    seconds = time.time() - t0
+    samples = split_rows(rows, data.obs_dim, data.action_dim)
+    env = data.make_eval_env()
+    checks = transition_checks(data, env, samples, n=len(rows), seed=args.seed, prefix="")
+    env.close()
+    saved = load_model_file(folder, "synther")
+    report = {
+        "env_id": args.env_id,
+        "fingerprint": data.fingerprint,
+        "form": data.form,
+        "network": saved["network"],
+        "params": saved["params"],
+        "steps": saved["steps"],
+        "batch_size": saved["batch_size"],
+        "heldout_transitions": data.size - n_train,
+        "heldout_loss": float(np.mean(losses)),
+        "sampler_steps": args.synther_sampler_steps,
+        "generated_transitions": len(rows),
+        "generation_s": seconds,
+        "checks": checks,
+    }
+    with open(folder / ".synther_report.json.tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(folder / ".synther_report.json.tmp", folder / "synther_report.json")
+    log({"report/synther_heldout_loss": report["heldout_loss"], **{f"report/synther_{k}": v for k, v in checks.items()}}, None)
+    return report
 
 
 def state_error(pred, true):
@@ -522,9 +701,14 @@ def plot_report(curves, path, title):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    run_preset = PRESETS[args.preset]["run"]
     apply_preset(
         args,
-        dict(PRESETS[args.preset]["pretrain"], models_dir=PRESETS[args.preset]["run"].get("models_dir", args.models_dir)),
+        dict(
+            PRESETS[args.preset]["pretrain"],
+            models_dir=run_preset.get("models_dir", args.models_dir),
+            synther_sampler_steps=run_preset.get("synther_sampler_steps", args.synther_sampler_steps),
+        ),
         sys.argv[1:],
     )
     stop_on_signals(
@@ -543,6 +727,13 @@ if __name__ == "__main__":
         raise SystemExit(f"--dyn-elites ({args.dyn_elites}) cannot exceed --dyn-members ({args.dyn_members})")
     if not args.dm_edge_weight > 0:
         raise SystemExit(f"--dm-edge-weight must be > 0 (1: every row alike), got {args.dm_edge_weight}")
+    for name in ("synther_width", "synther_depth", "synther_dim_t", "synther_steps", "synther_report_transitions"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.synther_batch_size is not None and args.synther_batch_size < 1:
+        raise SystemExit(f"--synther-batch-size must be >= 1 (or not given: SynthER's rule), got {args.synther_batch_size}")
+    if args.synther_sampler_steps < 2:
+        raise SystemExit(f"--synther-sampler-steps must be >= 2, got {args.synther_sampler_steps}")
     if args.offline:
         os.environ[OFFLINE_ENV_VAR] = "1"
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -603,7 +794,10 @@ if __name__ == "__main__":
 
     def fits(ckpt, name):
         """Whether a model file is what this command would make: this data (for the DM and the ensemble, this
-        physical data, whatever the task) and, for the DM, this shape and these many steps."""
+        physical data, whatever the task) and, for the DM and SynthER, this shape and training."""
+        if name == "synther":
+            config = synther_config(args, n_train)
+            return all(ckpt.get(k) == v for k, v in config.items()) and fits_data(ckpt, name, data)
         if name == "dm":
             saved = dict(dm_config(args), **{k: ckpt[k] for k in dm_config(args) if k in ckpt})  # old files: paper net
             if saved != dm_config(args) or ckpt["steps"] != args.dm_steps:
@@ -626,7 +820,7 @@ if __name__ == "__main__":
                     return True
             except DamagedFile as e:
                 print(f"{e.args[0].split(';')[0]}: training it again")
-        return name != "reward" and shared_model(name)
+        return name in PHYSICAL_MODELS and shared_model(name)
 
     def shared_model(name):
         """Link a fitting DM or ensemble from another folder of --models-dir into this one; whether one was found."""
@@ -646,7 +840,12 @@ if __name__ == "__main__":
                 return True
         return False
 
-    if args.report_only:  # measure the models as they are, whatever command made them
+    if args.report_only and not set(DYDIFF_MODELS) & set(args.models):  # SynthER's report alone
+        try:
+            args.holdout_fraction = load_model_file(folder, "synther", data)["args"]["holdout_fraction"]
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(str(e))
+    elif args.report_only:  # measure the models as they are, whatever command made them
         try:
             dm_info = load_model_file(folder, "dm", data)
             for name in ("dynamics", "reward"):
@@ -737,14 +936,41 @@ if __name__ == "__main__":
             raise SystemExit(f"{e}; the last good checkpoint, {folder / 'dm_train.pt'}, is kept (if any)")
         timings["dm_s"] = time.time() - t0
 
-    if set(args.models) != set(MODEL_FILES):
-        print(f"made {', '.join(sorted(set(args.models)))} in {folder}; the model report needs all three models")
+    # 4. SynthER, the paper's baseline (when asked for: --models synther), and its own report
+    if "synther" in args.models:
+        t0 = time.time()
+        if finished("synther"):
+            try:
+                synther, synther_normalizer, _ = load_synther(folder, data, device)
+            except (ValueError, FileNotFoundError) as e:
+                raise SystemExit(str(e))
+            print("SynthER: already trained, kept")
+        else:
+            try:
+                synther, synther_normalizer = train_synther(args, data, n_train, device, folder, log)
+            except FloatingPointError as e:
+                raise SystemExit(f"{e}; the last good checkpoint, {folder / 'synther_train.pt'}, is kept (if any)")
+            timings["synther_s"] = time.time() - t0
+        t0 = time.time()
+        checks = synther_report(args, data, n_train, synther, synther_normalizer, device, folder, log)["checks"]
+        timings["synther_report_s"] = time.time() - t0
+        print(
+            f"SynthER's generated transitions ({checks['checked_transitions']:,} checked against the real "
+            "simulator): " + ", ".join(f"{k} {v:.4g}" for k, v in checks.items() if k != "checked_transitions")
+        )
+
+    if not set(DYDIFF_MODELS) <= set(args.models):
+        if set(DYDIFF_MODELS) & set(args.models):
+            print(f"made {', '.join(sorted(set(args.models)))} in {folder}; the model report needs all three models")
+        else:
+            done = "measured" if args.report_only else "made"
+            print(f"{done} synther in {folder}; its report: {folder / 'synther_report.json'}")
         print(f"timings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
         if wandb_run is not None:
             wandb_run.finish()
         raise SystemExit(0)
 
-    # 4. Report
+    # 5. Report
     t0 = time.time()
     report = model_report(args, data, held_segs, denoiser, normalizer, dynamics, reward_model, device, folder, log)
     timings["report_s"] = time.time() - t0

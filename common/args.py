@@ -1,5 +1,32 @@
 """The checks of the arguments that the three training scripts share (each adds its own)."""
 
+SYNTHER_FLAGS = ("--synther-samples", "--synther-sampler-steps")  # what only --augment synther reads
+
+
+def settle_augment(args, argv) -> None:
+    """Make `--augment` and its alias `--no-dydiff` agree (args.dydiff: DyDiff's rollouts are on), refuse flags of
+    another arm, and give `--augment synther` SynthER's own defaults where the command line sets nothing: real ratio 0
+    (SynthER's offline runs train on its samples alone) and no filter (`--filter softmax` makes it SynthER-f)."""
+    from common.config import given_flags
+
+    given = given_flags(argv)
+    if "--augment" in given and "--no-dydiff" in given and args.augment != "none":
+        raise SystemExit(f"--no-dydiff is --augment none, and --augment is {args.augment}: drop one of the two")
+    if "--augment" in given and "--dydiff" in given and args.augment != "dydiff":
+        raise SystemExit(f"--dydiff is --augment dydiff, and --augment is {args.augment}: drop one of the two")
+    if not args.dydiff:
+        args.augment = "none"
+    args.dydiff = args.augment == "dydiff"
+    if args.augment != "synther" and (flags := sorted(given & set(SYNTHER_FLAGS))):
+        raise SystemExit(
+            f"{', '.join(flags)} set SynthER's transitions, and --augment is {args.augment}: add --augment synther"
+        )
+    if args.augment == "synther":
+        if "--real-ratio" not in given:
+            args.real_ratio = 0.0
+        if "--filter" not in given:
+            args.filter = "none"
+
 
 def shared_arg_problems(args) -> list[str]:
     """One message per invalid run or DyDiff hyper-parameter, each naming the flag and its valid range."""
@@ -8,12 +35,18 @@ def shared_arg_problems(args) -> list[str]:
         problems.append(f"--real-ratio must be in [0, 1], got {args.real_ratio}")
     if not 0.0 < args.filter_proportion <= 1.0:
         problems.append(f"--filter-proportion must be in (0, 1], got {args.filter_proportion}")
+    elif args.augment == "synther":
+        if args.filter != "none" and args.filter_proportion * args.synther_samples < 1:
+            problems.append(
+                f"--filter-proportion {args.filter_proportion} keeps no transition of --synther-samples "
+                f"{args.synther_samples}; raise either so that their product is >= 1"
+            )
     elif args.filter_proportion * args.rollout_batch_size < 1:
         problems.append(
             f"--filter-proportion {args.filter_proportion} keeps no trajectory of --rollout-batch-size "
             f"{args.rollout_batch_size}; raise either so that their product is >= 1"
         )
-    if args.num_iterations < 0:
+    if args.num_iterations is not None and args.num_iterations < 0:
         problems.append(f"--num-iterations must be >= 0, got {args.num_iterations}")
     if args.filter_temperature <= 0:
         problems.append(f"--filter-temperature must be > 0, got {args.filter_temperature}")
@@ -36,6 +69,15 @@ def shared_arg_problems(args) -> list[str]:
         problems.append(f"--sampler-steps must be >= 2, got {args.sampler_steps}")
     if args.sampler_churn < 0:
         problems.append(f"--sampler-churn must be >= 0, got {args.sampler_churn}")
+    if args.synther_samples < 1:
+        problems.append(f"--synther-samples must be >= 1, got {args.synther_samples}")
+    if args.synther_sampler_steps < 2:
+        problems.append(f"--synther-sampler-steps must be >= 2, got {args.synther_sampler_steps}")
+    if args.filter == "none" and args.augment == "dydiff":
+        problems.append(
+            "--filter none is for --augment synther (SynthER without its filter); DyDiff keeps every trajectory with "
+            "--filter-proportion 1"
+        )
     problems += ablation_problems(args)
     if args.check_trajectories < 0:
         problems.append(f"--check-trajectories must be >= 0 (0: no check), got {args.check_trajectories}")
@@ -43,8 +85,25 @@ def shared_arg_problems(args) -> list[str]:
 
 
 def ablation_problems(args) -> list[str]:
-    """The ablations that swap one of DyDiff's approximations for the real thing, refused where they replace nothing."""
+    """The ablations that swap one of DyDiff's approximations for the real thing, refused where they replace nothing;
+    and DyDiff's own rollout flags, refused with SynthER, which makes no rollouts."""
     problems = []
+    if args.augment == "synther":
+        if args.num_iterations is not None:
+            problems.append(
+                f"--num-iterations {args.num_iterations} is DyDiff's M, and --augment synther makes no rollouts: drop it"
+            )
+        for flag, value, default in (
+            ("--rollout-states", args.rollout_states, "dm"),
+            ("--stored-actions", args.stored_actions, "relabelled"),
+            ("--rollout-rewards", args.rollout_rewards, "model"),
+            ("--average-with-previous", args.average_with_previous, False),
+        ):
+            if value != default:
+                problems.append(
+                    f"{flag} {value} changes DyDiff's rollouts, and --augment synther makes none: drop one of the two"
+                )
+        return problems
     rounds = args.dydiff and args.num_iterations >= 1 and args.rollout_states != "simulator"
     if not args.dydiff:
         for flag, value, default in (

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MODEL_FILES = {"dm": "dm.pt", "dynamics": "dynamics.pt", "reward": "reward.pt"}
+MODEL_FILES = {"dm": "dm.pt", "dynamics": "dynamics.pt", "reward": "reward.pt", "synther": "synther.pt"}
+DYDIFF_MODELS = ("dm", "dynamics", "reward")
+PHYSICAL_MODELS = ("dm", "dynamics")  # they model the physical state alone: shared by the tasks of one dataset
 
 
 class DamagedFile(ValueError):
@@ -140,10 +142,10 @@ def fits_data(ckpt: dict, name: str, data) -> bool:
 
     The DM and the dynamics ensemble model the physical state alone, so they fit every task made from the same
     physical data (the two maze2d tasks of one dataset): they are checked by the physical fingerprint. The reward
-    model is per task: checked by the task's fingerprint. Files written before the physical fingerprint existed
-    fit the very data they were made for.
+    model and SynthER (whose transitions hold the task's rewards and observations) are per task: checked by the
+    task's fingerprint. Files written before the physical fingerprint existed fit the very data they were made for.
     """
-    if name != "reward" and "physical_fingerprint" in ckpt:
+    if name in PHYSICAL_MODELS and "physical_fingerprint" in ckpt:
         return ckpt["physical_fingerprint"] == data.physical_fingerprint
     return ckpt["fingerprint"] == data.fingerprint
 
@@ -235,6 +237,19 @@ def load_reward(folder, fingerprint=None, device="cpu"):
     return model.to(device).eval()
 
 
+def load_synther(folder, fingerprint=None, device="cpu"):
+    """SynthER's pretrained denoiser (EMA weights, eval mode) and its normalizer, from {folder}/synther.pt."""
+    from common.synther import StandardNormalizer, build_synther
+
+    ckpt = load_model_file(folder, "synther", fingerprint)
+    C = 2 * ckpt["obs_dim"] + ckpt["action_dim"] + 2
+    denoiser = build_synther(C, **ckpt["network"])
+    denoiser.load_state_dict(ckpt["state_dict"])
+    normalizer = StandardNormalizer(torch.zeros(C), torch.ones(C))
+    normalizer.load_state_dict(ckpt["normalizer"])
+    return denoiser.to(device).eval(), normalizer.to(device), ckpt
+
+
 def _die_with_parent():
     """In a child process (Linux): receive SIGTERM when the parent dies, even by SIGKILL, so no orphan is left."""
     try:
@@ -247,8 +262,11 @@ def _die_with_parent():
 
 
 def models_needed(args) -> tuple[str, ...]:
-    """The pretrained models a run's rollouts use: none for the plain base algorithm, and the ablations that take
-    the real simulator's states or rewards (`--rollout-states`, `--rollout-rewards`) drop the models they replace."""
+    """The pretrained models a run uses: SynthER's alone for `--augment synther`, none for the plain base algorithm,
+    and DyDiff's, where the ablations that take the real simulator's states or rewards (`--rollout-states`,
+    `--rollout-rewards`) drop the models they replace."""
+    if getattr(args, "augment", None) == "synther":
+        return ("synther",)
     if not getattr(args, "dydiff", False):
         return ()
     states = getattr(args, "rollout_states", "dm")
@@ -276,8 +294,8 @@ def model_fingerprints(args) -> dict:
 
 
 def load_or_pretrain_models(args, data, device):
-    """DyDiff's pretrained models for `data`, from {args.models_dir}/{env_id}/, made first if one the run uses
-    (`models_needed`) is missing.
+    """The pretrained models for `data`, from {args.models_dir}/{env_id}/, made first if one the run uses
+    (`models_needed`) is missing. SynthER's is only made here; common.synther.load_or_generate loads it.
 
     A missing model is made by running `pretrain_models.py` (with the options of `args.pretrain`) in a subprocess.
     Returns (denoiser, dm_normalizer, dynamics, reward_model), None for each model the run does not use; stops with
@@ -309,6 +327,7 @@ def load_or_pretrain_models(args, data, device):
             str(args.sampler_steps),
             "--sampler-churn",
             str(args.sampler_churn),
+            *(["--synther-sampler-steps", str(args.synther_sampler_steps)] if "synther" in needed else []),
             *([] if args.cuda else ["--no-cuda"]),
         ]
         print(f"no pretrained models in {folder}: making them first (to do it separately: python {shlex.join(cmd[1:])})")

@@ -7,7 +7,7 @@ training scripts' (`--pretrain.dm-dim 32`): what they use when they make missing
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, Optional
 
 
 @dataclass
@@ -45,7 +45,7 @@ class PretrainConfig:
     p_std: float = 1.2
     """P_std: std of ln(sigma) during training"""
     dm_checkpoint_every: int = 2000
-    """DM steps between resumable checkpoints"""
+    """DM (and SynthER) steps between resumable checkpoints"""
 
     # Dynamics ensemble
     dyn_members: int = 7
@@ -67,6 +67,23 @@ class PretrainConfig:
     reward_batch_size: int = 256
     """reward-model batch size"""
 
+    # SynthER (Lu et al. 2023), the paper's baseline: a diffusion model of single transitions (common/synther.py)
+    synther_width: int = 1024
+    """width of SynthER's residual MLP (its resmlp_w1024_denoiser.gin, and the DyDiff paper's 6.5M parameters;
+    its default resmlp_denoiser.gin: 2048)"""
+    synther_depth: int = 6
+    """residual blocks of SynthER's MLP (SynthER: 6)"""
+    synther_dim_t: int = 128
+    """width of SynthER's noise-level embedding and input projection (SynthER: 128)"""
+    synther_steps: int = 100_000
+    """SynthER gradient steps (SynthER: 100,000)"""
+    synther_batch_size: Optional[int] = None
+    """SynthER batch size; default SynthER's rule: 1024, or 256 for datasets of fewer than 800k transitions"""
+    synther_lr: float = 3e-4
+    """SynthER's learning rate (AdamW, betas 0.9/0.99, no weight decay, cosine decay to 0, gradient norm clipped at 1)"""
+    synther_ema_decay: float = 0.995
+    """decay of the EMA copy of SynthER's weights, updated every 10 steps after the first 100 (SynthER: 0.995)"""
+
     # Held-out data and the model report
     holdout_fraction: float = 0.05
     """the final fraction of the dataset is held out for the model report"""
@@ -74,6 +91,8 @@ class PretrainConfig:
     """start states (and dataset windows) used by the model report"""
     report_iterations: int = 3
     """M: DM <-> policy refinement iterations measured by the report"""
+    synther_report_transitions: int = 10_000
+    """transitions SynthER generates for its report, each checked against the real simulator"""
 
     def dm_network(self) -> dict:
         """The DM's network options, as common.edm.build_denoiser takes them (and dm.pt records them)."""
@@ -87,6 +106,10 @@ class PretrainConfig:
             relative_states=self.dm_relative_states,
             position_channels=self.dm_position_channels,
         )
+
+    def synther_network(self) -> dict:
+        """SynthER's network options, as common.synther.build_synther takes them (and synther.pt records them)."""
+        return dict(width=self.synther_width, depth=self.synther_depth, dim_t=self.synther_dim_t)
 
     def flags(self) -> list[str]:
         """The pretrain_models.py flags of the values that differ from the defaults."""
@@ -111,9 +134,25 @@ PRESETS = {
     "paper": dict(pretrain={}, run={}),
     "cpu": dict(
         pretrain=dict(
-            dm_dim=32, dm_dim_mults=(1, 2, 4), dm_steps=8000, dm_batch_size=64, dyn_max_steps=20_000, reward_steps=20_000
+            dm_dim=32,
+            dm_dim_mults=(1, 2, 4),
+            dm_steps=8000,
+            dm_batch_size=64,
+            dyn_max_steps=20_000,
+            reward_steps=20_000,
+            synther_width=256,
+            synther_steps=40_000,
+            synther_batch_size=256,
         ),
-        run=dict(models_dir="models-cpu", total_steps=20_000, eval_freq=5000, rollout_freq=2000, rollout_batch_size=256),
+        run=dict(
+            models_dir="models-cpu",
+            total_steps=20_000,
+            eval_freq=5000,
+            rollout_freq=2000,
+            rollout_batch_size=256,
+            synther_samples=5_000_000,
+            synther_sampler_steps=32,
+        ),
     ),
 }
 

@@ -15,8 +15,9 @@ then, for each pair of arms, the difference of the means with Welch's t and a bo
 or `--table FILE`. Runs on the two maze2d tasks (fixed-goal, goal-conditioned) never share a row.
 
 An arm is one algorithm with one setting: the base algorithm (`--no-dydiff`), DyDiff with M
-refinement iterations, M = 0 (dynamics-ensemble rollouts only), or an ablation (`--rollout-states`,
-`--stored-actions`, `--rollout-rewards`); runs of one arm at different B_r are arms of their own. `--ladder FILE`
+refinement iterations, M = 0 (dynamics-ensemble rollouts only), an ablation (`--rollout-states`,
+`--stored-actions`, `--rollout-rewards`), or the paper's baseline SynthER (`--augment synther`; SynthER-f with its
+filter); runs of one arm at different B_r (SynthER: different sample counts) are arms of their own. `--ladder FILE`
 draws the ablations' ladder: each arm's final score and mean of all evaluations, every seed shown, the base as a line.
 """
 
@@ -42,12 +43,40 @@ SYNTHETIC_METRICS = {  # logged at each rollout (the critic's Q at each logging 
     "losses/q_real": "critic Q, real",
     "losses/q_synthetic": "critic Q, synthetic",
     "dydiff/rollout_time": "rollout time (s)",
+    # SynthER's generated transitions, checked once before training (common.synther.transition_checks)
+    "synther/one_step_error": "SynthER: one-step error",
+    "synther/one_step_error_copy": "SynthER: one-step error of s' = s",
+    "synther/wall_crossing_share": "SynthER: transitions through a wall",
+    "synther/reward_abs_error": "SynthER: reward error",
+    "synther/goal_share": "SynthER: s' at the goal",
+    "synther/goal_share_dataset": "dataset: s' at the goal",
 }
 TASK_NAMES = {"fixed-goal": "fixed goal (D4RL)", "goal-conditioned": "goal-conditioned (Minari)", "": "—"}
 ALGO_NAMES = {"dydiff_td3bc": "TD3+BC", "dydiff_cql": "CQL", "dydiff_diffql": "Diffusion-QL"}
 
 
 # The paper's Table 2 (D4RL maze2d-v1 scale, mean ± std over 3 runs): env -> algorithm -> (base, DyDiff (M=1)).
+# SynthER's columns of Table 2, and SynthER-f (with TD3+BC only) of Table 6: env -> arm -> (mean, std).
+PAPER_SYNTHER = {
+    "maze2d-umaze": {
+        "TD3+BC + SynthER": (32, 9),
+        "CQL + SynthER": (10, 12),
+        "Diffusion-QL + SynthER": (45, 2),
+        "TD3+BC + SynthER-f": (39, 15),
+    },
+    "maze2d-medium": {
+        "TD3+BC + SynthER": (49, 20),
+        "CQL + SynthER": (92, 3),
+        "Diffusion-QL + SynthER": (17, 4),
+        "TD3+BC + SynthER-f": (73, 28),
+    },
+    "maze2d-large": {
+        "TD3+BC + SynthER": (98, 33),
+        "CQL + SynthER": (37, 5),
+        "Diffusion-QL + SynthER": (138, 26),
+        "TD3+BC + SynthER-f": (87, 29),
+    },
+}
 PAPER_TABLE2 = {
     "maze2d-umaze": {"TD3+BC": ((35, 10), (55, 12)), "CQL": ((19, 15), (58, 43)), "Diffusion-QL": ((47, 1), (46, 2))},
     "maze2d-medium": {"TD3+BC": ((81, 50), (134, 19)), "CQL": ((93, 13), (156, 17)), "Diffusion-QL": ((50, 2), (162, 2))},
@@ -64,6 +93,8 @@ def paper_score(env_id: str, task: str, arm: str) -> str:
     from common.d4rl import dataset_name
 
     env = dataset_name(env_id).removesuffix("-v1")  # a D4RL file, maze2d-large-v1.hdf5: the paper's very data
+    if arm in PAPER_SYNTHER.get(env, {}):
+        return "{} ± {}".format(*PAPER_SYNTHER[env][arm])
     for algo, (base, dydiff) in PAPER_TABLE2.get(env, {}).items():
         for name, (m, s) in ((algo, base), (f"{algo} + DyDiff (M=1)", dydiff)):
             if arm == name:
@@ -72,9 +103,13 @@ def paper_score(env_id: str, task: str, arm: str) -> str:
 
 
 def arm_name(args: dict) -> str:
-    """'TD3+BC', 'TD3+BC + DyDiff (M=1)' or 'TD3+BC + M=0 (ensemble rollouts)', from a run's args.json."""
+    """'TD3+BC', 'TD3+BC + DyDiff (M=1)', 'TD3+BC + M=0 (ensemble rollouts)', 'TD3+BC + SynthER' or
+    'TD3+BC + SynthER-f' (its softmax filter; 'SynthER-f (hardmax)' with the other), from a run's args.json."""
     script = args.get("script") or args.get("exp_name", "")
     algo = next((name for key, name in ALGO_NAMES.items() if script.startswith(key)), script)
+    if args.get("augment") == "synther":
+        filtered = {"none": "", "softmax": "-f"}.get(args.get("filter", "none"), f"-f ({args.get('filter')})")
+        return f"{algo} + SynthER{filtered}"
     if not args.get("dydiff", True):
         return algo
     m = args.get("num_iterations")
@@ -169,6 +204,11 @@ def summarize_run(run_dir: Path) -> dict:
                 "rollout_states",
                 "stored_actions",
                 "rollout_rewards",
+                "augment",
+                "synther_samples",
+                "synther_sampler_steps",
+                "filter",
+                "filter_proportion",
             )
         },
     )
@@ -213,21 +253,28 @@ def _size_name(n: int | None) -> str:
 
 def group(summaries: list[dict]) -> dict[tuple, list[dict]]:
     """(env_id, task, arm) -> that arm's runs, sorted by seed: runs on the two maze2d tasks never share a row. Runs of
-    one arm at different rollout volumes (B_r) are arms of their own, named with their B_r; so are runs of one arm on
-    datasets of different sizes (named with the size)."""
+    one arm at different rollout volumes (B_r; SynthER: sample counts) are arms of their own, named with them; so are
+    runs of one arm on datasets of different sizes (named with the size)."""
+
+    def volume(s):
+        if s["args"].get("augment") == "synther":
+            return "synther_samples", "samples"
+        return ("rollout_batch_size", "B_r") if s["args"].get("dydiff", True) else (None, None)
+
     volumes: dict[tuple, set] = {}
     sizes: dict[tuple, set] = {}
     for s in summaries:
         key = (s["env_id"], s["task"], s["arm"])
         sizes.setdefault(key, set()).add(dataset_size(s))
-        if s["args"].get("dydiff", True):
-            volumes.setdefault(key, set()).add(s["args"].get("rollout_batch_size"))
+        if (name := volume(s)[0]) is not None:
+            volumes.setdefault(key, set()).add(s["args"].get(name))
     groups: dict[tuple, list[dict]] = {}
     for s in summaries:
         key = (s["env_id"], s["task"], s["arm"])
         arm = s["arm"]
         if len(volumes.get(key, ())) > 1:
-            arm = f"{arm}, B_r {s['args']['rollout_batch_size']:,}"
+            name, unit = volume(s)
+            arm = f"{arm}, B_r {s['args'][name]:,}" if unit == "B_r" else f"{arm}, {s['args'][name]:,} samples"
         if len(sizes[key] - {None}) > 1:  # a run whose size is not on record splits nothing
             arm = f"{arm}, {_size_name(dataset_size(s))}"
         groups.setdefault((s["env_id"], s["task"], arm), []).append(s)
@@ -470,6 +517,7 @@ def plot(summaries: list[dict], path: Path, smooth: int = 1) -> None:
 def ladder_rank(arm: str) -> tuple:
     """Where an arm stands on the ladder from true on-policy rollouts (first) to DyDiff and M = 0 (last)."""
     states = 0 if "simulator rollouts" in arm else 1 if "simulator states" in arm else 3 if "M=0" in arm else 2
+    states = 4 if "SynthER" in arm else states  # the baseline, after DyDiff's rungs
     volume = int(m.group(1).replace(",", "")) if (m := re.search(r"B_r ([\d,]+)", arm)) else 0
     return (states, "true rewards" not in arm, "conditioning actions" not in arm, volume, arm)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.args import settle_augment
 from common.checkpoints import (
     DamagedFile,
     atomic_save,
@@ -67,6 +68,7 @@ def parse_args(cls, argv=None):
 
     argv = sys.argv[1:] if argv is None else argv
     args = tyro.cli(cls, args=argv)
+    settle_augment(args, argv)
     if not args.resume:
         apply_preset(args, PRESETS[args.preset]["run"], argv)
         apply_preset(args.pretrain, PRESETS[args.preset]["pretrain"], argv, prefix="pretrain.")
@@ -86,6 +88,8 @@ def resumed_args(args, cls, argv):
         saved = json.loads((run_dir / "args.json").read_text())
         if "simulator_states" in saved:  # a run from before --rollout-states, which replaced that flag
             saved["rollout_states"] = "simulator-replay" if saved.pop("simulator_states") else "dm"
+        if "augment" not in saved:  # a run from before --augment: --no-dydiff was its only other arm
+            saved["augment"] = "dydiff" if saved.get("dydiff", True) else "none"
         pretrain = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["pretrain"].items()}  # JSON made tuples lists
         resumed = cls(**{**saved, "resume": str(run_dir), "pretrain": PretrainConfig(**pretrain)})
     except FileNotFoundError:
@@ -231,7 +235,8 @@ class Run:
                 said = True
                 hours = (args.total_steps - step) * (time.time() - start) / (step - self.start_step) / 3600
                 if hours >= 1:
-                    command = cpu_command(sys.argv[0], args.env_id) + ("" if args.dydiff else " --no-dydiff")
+                    arm = " --augment synther" if getattr(args, "augment", None) == "synther" else ""
+                    command = cpu_command(sys.argv[0], args.env_id) + (arm or ("" if args.dydiff else " --no-dydiff"))
                     advice = "" if args.preset == "cpu" else f"; a run sized for two CPU cores: {command}"
                     tqdm.write(f"no GPU: at its pace so far, the rest of this run takes about {hours:,.1f} h{advice}")
             yield step
@@ -291,6 +296,33 @@ class Run:
                 metrics["dydiff/wall_crossing_share"] = maze_picture(data, states, keep, picture)
         self.log(metrics, step, picture)
 
+    def log_synther(self, data, samples, info):
+        """Log SynthER's transitions once, before the first step (a resumed run has logged them already): how many the
+        run trains on and how they were made, and how true they are against the real simulator and the task's reward
+        (common.synther.transition_checks); the same in synther_report.json. Nothing here changes the training."""
+        from common.synther import transition_checks
+
+        if self.start_step > 0:
+            return
+        t0 = time.time()
+        env = data.make_eval_env()
+        metrics = {
+            "synther/transitions": len(samples["obs"]),
+            "synther/kept_fraction": len(samples["obs"]) / info["count"],
+            **transition_checks(data, env, samples, seed=self.args.seed),
+        }
+        env.close()
+        if info.get("generated"):
+            metrics["synther/generation_time"] = info["generation_s"]
+        metrics["synther/check_time"] = time.time() - t0
+        tmp = self.dir / ".synther_report.json.tmp"
+        tmp.write_text(json.dumps(dict(info, **metrics), indent=1))
+        os.replace(tmp, self.dir / "synther_report.json")
+        self.log(metrics, 0)
+        shown = ("one_step_error", "one_step_error_copy", "wall_crossing_share", "reward_abs_error", "terminal_share")
+        print(f"SynthER: training on {len(samples['obs']):,} generated transitions; checked against the real simulator: "
+              + ", ".join(f"{k} {metrics['synther/' + k]:.4g}" for k in shown if "synther/" + k in metrics))
+
     def evaluated(self, scores, step, d4rl_scores=None):
         """Record an evaluation's normalized scores (one per episode; `d4rl_scores`: the same on D4RL maze2d-v1's
         scale, or None), print it, and write the checkpoint."""
@@ -316,7 +348,9 @@ class Run:
         """Write result.json (final score: the mean of the last 5 evaluations) and final_policy.pt."""
         args = self.args
         final = float(np.mean(self.evaluations[-5:])) if self.evaluations else float("nan")
-        result = dict(env_id=args.env_id, seed=args.seed, dydiff=args.dydiff, num_iterations=args.num_iterations,
+        augment = getattr(args, "augment", "dydiff" if args.dydiff else "none")
+        result = dict(env_id=args.env_id, seed=args.seed, augment=augment, dydiff=args.dydiff,
+                      num_iterations=args.num_iterations,
                       **self.task, **result, final_normalized_score=final, evaluations=self.evaluations,
                       wall_time_s=self.wall_time(), total_steps=args.total_steps)
         if self.d4rl_evaluations:

@@ -8,6 +8,7 @@
 #   ENV_ID=local/pointmaze/large-v3 RUNS=runs-large-gc bash experiments/maze2d_cpu.sh   # Minari's goal-conditioned task
 #   bash experiments/maze2d_cpu.sh ladder         # the ladder of ablations (docs/results.md), both lanes
 #   bash experiments/maze2d_cpu.sh d4rl-size      # the base on D4RL maze2d-large-v1's size (4M steps), three seeds
+#   bash experiments/maze2d_cpu.sh synther        # the paper's baseline, SynthER: its CPU model, then 3 seeds, both lanes
 #
 # Logs in $RUNS/lane{1,2}.log. Each lane runs its jobs one after the other with one torch thread, so the two lanes
 # share two cores (two one-thread runs made 1.2x more steps per second in all than one two-thread run). Run it again
@@ -107,6 +108,22 @@ d4rl_size2() {
   run base-4m 2 --no-dydiff
 }
 
+# SynthER (docs/scripts.md, "SynthER"): the CPU-size model (a 0.45M-parameter residual MLP, 40k steps), then its
+# 5M transitions (SynthER's count, with 32 sampler steps instead of its 128: on a briefly trained CPU model of this task
+# the same one-step error, wall share and reward error at a quarter of the cost), generated once by the first run
+# (about 1.3 h of one core) and read by the others, then TD3+BC on them alone (SynthER's offline setting) at the same
+# protocol as the other arms; the RUN array's rollout flags go unused.
+# Two lanes: lane 1 pretrains and generates; lane 2 waits for the transitions, then trains on them too.
+SYNTHER=(--augment synther --synther-samples 5000000 --synther-sampler-steps 32)
+synther1() {
+  $PY pretrain_models.py "${PRETRAIN[@]}" --models synther --synther-sampler-steps 32  # keeps a finished model
+  run synther 1 "${SYNTHER[@]}"; run synther 3 "${SYNTHER[@]}"
+}
+synther2() {
+  until compgen -G "$FOLDER/synther_samples_*" > /dev/null; do echo "waiting for lane 1's SynthER transitions"; sleep 120; done
+  run synther 2 "${SYNTHER[@]}"
+}
+
 start() {  # start LANE_A LANE_B: both lanes in the background
   mkdir -p "$OUT"
   setsid nohup bash "$0" "$1" > "$OUT/$1.log" 2>&1 &
@@ -124,5 +141,8 @@ case "${1:-both}" in
   d4rl-size) start d4rl-size1 d4rl-size2 ;;
   both) start 1 2 ;;
   ladder) start ladder1 ladder2 ;;
-  *) echo "usage: [ENV_ID=...] [RUNS=...] bash $0 [1|2|both|ladder1|ladder2|ladder|d4rl-size1|d4rl-size2|d4rl-size]" >&2; exit 2 ;;
+  synther1) synther1 ;;
+  synther2) synther2 ;;
+  synther) start synther1 synther2 ;;
+  *) echo "usage: [ENV_ID=...] [RUNS=...] bash $0 [1|2|both|ladder1|ladder2|ladder|d4rl-size1|d4rl-size2|d4rl-size|synther1|synther2|synther]" >&2; exit 2 ;;
 esac
