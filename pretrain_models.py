@@ -195,6 +195,45 @@ def load_dm_checkpoint(path, what="the DM"):
     return None
 
 
+class LoopChores:
+    """What the DM's and SynthER's training loops do besides the gradient step: a progress bar, one line when a short
+    measurement on a CPU says the rest will take over an hour, a NaN check every 100 steps and before each save
+    (reading the loss waits for the device; a NaN spreads to the weights, so a later check still sees it), the
+    smoothed loss on the bar and the logged loss and speed, and whether a checkpoint is due."""
+
+    def __init__(self, name, key, first, total, every, device, log, nan_fix, cpu_hint):
+        self.name, self.key, self.first, self.total, self.every = name, key, first, total, every
+        self.device, self.log, self.nan_fix, self.cpu_hint = device, log, nan_fix, cpu_hint
+        self.t0, self.loss_avg = time.time(), None
+        self.bar = tqdm(range(first, total), initial=first, total=total, desc=name, mininterval=2.0, smoothing=0)
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def before_step(self, step):
+        if step != self.first + 20 or self.device.type != "cpu":
+            return
+        hours = (time.time() - self.t0) / 20 * (self.total - step) / 3600
+        if hours > 1:  # say so, then go on: the command may be meant for a bigger machine
+            tqdm.write(
+                f"no GPU: the {self.total - step:,} {self.name} steps left will take about {hours:,.1f} h on this CPU "
+                f"(measured). CPU-size models: {self.cpu_hint}"
+            )
+
+    def after_step(self, step, loss) -> bool:
+        """Checks and logs the step's loss; True when a checkpoint is due."""
+        checkpoint = (step + 1) % self.every == 0 or step + 1 == self.total
+        if (step % 100 == 0 or checkpoint) and not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.name} loss is {loss.item()} at step {step}; {self.nan_fix}")
+        if step % 100 == 0:
+            loss_val = loss.item()
+            self.loss_avg = loss_val if self.loss_avg is None else 0.9 * self.loss_avg + 0.1 * loss_val
+            self.bar.set_postfix(loss=f"{self.loss_avg:.4f}")
+            rate = (step + 1 - self.first) / max(time.time() - self.t0, 1e-9)
+            self.log({f"losses/{self.key}": loss_val, f"charts/{self.key}_steps_per_s": rate}, step)
+        return checkpoint
+
+
 def train_dm(args, data, train_segs, device, folder, log):
     """Train the EDM denoiser on training windows; resumable from {folder}/dm_train.pt."""
     S, A, L = data.state_dim, data.action_dim, args.rollout_length
@@ -242,16 +281,19 @@ def train_dm(args, data, train_segs, device, folder, log):
         f"{n_params / 1e6:.2f}M parameters; "
         f"{len(starts):,} training windows of L={L}"
     )
-    t0, loss_avg = time.time(), None
-    bar = tqdm(range(step, args.dm_steps), initial=step, total=args.dm_steps, desc="DM", mininterval=2.0, smoothing=0)
-    first = step
-    for step in bar:
-        hours = (time.time() - t0) / 20 * (args.dm_steps - step) / 3600 if step == first + 20 else 0.0
-        if hours > 1 and device.type == "cpu":  # a short measurement says this is long: say so, then go on
-            tqdm.write(
-                f"no GPU: the {args.dm_steps - step:,} DM steps left will take about {hours:,.1f} h on this CPU "
-                f"(measured). CPU-size models: {cpu_command('pretrain_models.py', args.env_id)}"
-            )
+    chores = LoopChores(
+        "DM",
+        "dm",
+        step,
+        args.dm_steps,
+        args.dm_checkpoint_every,
+        device,
+        log,
+        nan_fix=f"lower --dm-lr (now {args.dm_lr})",
+        cpu_hint=cpu_command("pretrain_models.py", args.env_id),
+    )
+    for step in chores:
+        chores.before_step(step)
         idx = torch.randint(len(starts), (args.dm_batch_size,), device=device, generator=gen)
         x, valid = gather_windows(states, actions, next_states, starts[idx], lengths[idx], L)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dm_bf16):
@@ -269,17 +311,7 @@ def train_dm(args, data, train_segs, device, folder, log):
         loss.backward()
         opt.step()
         ema.update(denoiser)
-        checkpoint = (step + 1) % args.dm_checkpoint_every == 0 or step + 1 == args.dm_steps
-        # Checked every 100 steps and before each save, not every step: reading the loss waits for the device.
-        # A NaN spreads to the weights, so the loss at the next check shows it too.
-        if (step % 100 == 0 or checkpoint) and not torch.isfinite(loss):
-            raise FloatingPointError(f"DM loss is {loss.item()} at step {step}; lower --dm-lr (now {args.dm_lr})")
-        if step % 100 == 0:
-            loss_val = loss.item()
-            loss_avg = loss_val if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_val
-            bar.set_postfix(loss=f"{loss_avg:.4f}")
-            log({"losses/dm": loss_val, "charts/dm_steps_per_s": (step + 1) / max(time.time() - t0, 1e-9)}, step)
-        if checkpoint:
+        if chores.after_step(step, loss):
             atomic_save(
                 dict(
                     model=denoiser.state_dict(),
@@ -362,17 +394,19 @@ def train_synther(args, data, n_train, device, folder, log):
         f"SynthER: residual MLP width {args.synther_width}, depth {args.synther_depth}, {n_params / 1e6:.2f}M parameters; "
         f"{n_train:,} training transitions of {C} dimensions, batch {config['batch_size']}, {args.synther_steps:,} steps"
     )
-    t0, loss_avg = time.time(), None
-    total = args.synther_steps
-    bar = tqdm(range(step, total), initial=step, total=total, desc="SynthER", mininterval=2.0, smoothing=0)
-    first = step
-    for step in bar:
-        hours = (time.time() - t0) / 20 * (total - step) / 3600 if step == first + 20 else 0.0
-        if hours > 1 and device.type == "cpu":  # a short measurement says this is long: say so, then go on
-            tqdm.write(
-                f"no GPU: the {total - step:,} SynthER steps left will take about {hours:,.1f} h on this CPU "
-                f"(measured). CPU-size models: {cpu_command('pretrain_models.py', args.env_id)} --models synther"
-            )
+    chores = LoopChores(
+        "SynthER",
+        "synther",
+        step,
+        args.synther_steps,
+        args.dm_checkpoint_every,
+        device,
+        log,
+        nan_fix=f"lower --synther-lr (now {args.synther_lr})",
+        cpu_hint=f"{cpu_command('pretrain_models.py', args.env_id)} --models synther",
+    )
+    for step in chores:
+        chores.before_step(step)
         idx = torch.randint(len(x_all), (config["batch_size"],), device=device, generator=gen)
         loss = edm_loss(denoiser, x_all[idx, None], no_condition, args.p_mean, args.p_std, generator=gen)
         opt.zero_grad(set_to_none=True)
@@ -383,20 +417,7 @@ def train_synther(args, data, n_train, device, folder, log):
         if (decay := ema_decay(step, args.synther_ema_decay)) is not None:
             ema.decay = decay
             ema.update(denoiser)
-        checkpoint = (step + 1) % args.dm_checkpoint_every == 0 or step + 1 == total
-        if (step % 100 == 0 or checkpoint) and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"SynthER loss is {loss.item()} at step {step}; lower --synther-lr (now {args.synther_lr})"
-            )
-        if step % 100 == 0:
-            loss_val = loss.item()
-            loss_avg = loss_val if loss_avg is None else 0.9 * loss_avg + 0.1 * loss_val
-            bar.set_postfix(loss=f"{loss_avg:.4f}")
-            log(
-                {"losses/synther": loss_val, "charts/synther_steps_per_s": (step + 1 - first) / max(time.time() - t0, 1e-9)},
-                step,
-            )
-        if checkpoint:
+        if chores.after_step(step, loss):
             atomic_save(
                 dict(
                     model=denoiser.state_dict(),

@@ -298,3 +298,31 @@ def test_one_step_summary_uses_the_middle_half_and_a_median_that_ignores_rare_ev
     assert r == dict(ratio=3.0, low=3.0, high=3.0)  # every resample has the same medians
     r = first_over_middle(err, "mean", rng)
     assert r["ratio"] == pytest.approx(3.0 / 1.999) and r["low"] < r["ratio"] <= r["high"] == pytest.approx(3.0)
+
+
+def test_the_training_loops_chores_checkpoint_log_and_stop_on_nan(monkeypatch):
+    """LoopChores, shared by the DM's and SynthER's loops: checkpoints every `every` steps and at the end, the loss and
+    the speed of this sitting logged every 100 steps, a NaN stopping the run with its fix, the CPU warning once."""
+    import pretrain_models
+
+    clock = iter(range(0, 100_000, 1000))  # 1000 s a call (start, the CPU check, the logs): predictable speeds
+    monkeypatch.setattr(pretrain_models.time, "time", lambda: next(clock))
+    logged, written = [], []
+    monkeypatch.setattr(pretrain_models.tqdm, "write", staticmethod(written.append))
+    chores = pretrain_models.LoopChores(
+        "DM", "dm", 50, 260, 100, torch.device("cpu"), lambda m, s: logged.append((s, m)), "lower --dm-lr", "HINT"
+    )
+    due = []
+    for step in chores:
+        chores.before_step(step)
+        if chores.after_step(step, torch.tensor(1.0)):
+            due.append(step + 1)
+    assert due == [100, 200, 260]
+    assert [s for s, _ in logged] == [100, 200]
+    assert set(logged[0][1]) == {"losses/dm", "charts/dm_steps_per_s"}
+    assert logged[0][1]["charts/dm_steps_per_s"] == pytest.approx(51 / 2000)  # this sitting's steps 50..100, not 101
+    assert len(written) == 1 and "DM steps left" in written[0] and "HINT" in written[0]
+    nan = pretrain_models.LoopChores("SynthER", "synther", 0, 10, 5, torch.device("cpu"), lambda m, s: None, "FIX", "")
+    with pytest.raises(FloatingPointError, match="SynthER loss is nan at step 0; FIX"):
+        nan.after_step(0, torch.tensor(float("nan")))
+    assert not nan.after_step(3, torch.tensor(float("nan")))  # between checks a NaN passes: the next check sees it
