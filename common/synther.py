@@ -336,3 +336,45 @@ def transition_checks(data, env, samples: dict, n: int = CHECK_TRANSITIONS, seed
     out[prefix + "one_step_error_p90"] = float(np.quantile(err, 0.9))
     out[prefix + "one_step_error_copy"] = float(((s - real) ** 2).sum(-1).mean())
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generating ahead of the runs
+# ---------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    """Generate a SynthER model's transitions into its cache before the training runs, with every thread this process
+    gets (a training run generates them with the one thread it is given). The runs then read them:
+    python -m common.synther maze2d-large --models-dir models-cpu --synther-samples 5000000 --synther-sampler-steps 32
+    """
+    import argparse
+    from types import SimpleNamespace
+
+    from common.datasets import load_dataset
+
+    p = argparse.ArgumentParser(description=main.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("env_id", help="the --env-id of the runs that will read the transitions")
+    p.add_argument("--models-dir", default="models", help="the runs' --models-dir, which holds {env_id}/synther.pt")
+    p.add_argument("--synther-samples", type=int, default=5_000_000, help="the runs' --synther-samples")
+    p.add_argument("--synther-sampler-steps", type=int, default=128, help="the runs' --synther-sampler-steps")
+    p.add_argument("--dataset-steps", type=int, default=None, help="the runs' --dataset-steps (generated PointMaze data)")
+    p.add_argument("--offline", action="store_true", help="do not try to download the dataset")
+    p.add_argument("--cpu", action="store_true", help="generate on the CPU even where a GPU is present")
+    args = p.parse_args(argv)
+    for flag in ("synther_samples", "synther_sampler_steps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a positive number")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    data = load_dataset(args.env_id, offline=args.offline or None, dataset_steps=args.dataset_steps)
+    run = SimpleNamespace(
+        env_id=args.env_id,
+        models_dir=args.models_dir,
+        synther_samples=args.synther_samples,
+        synther_sampler_steps=args.synther_sampler_steps,
+    )
+    _, info = load_or_generate(run, data, device)
+    took = f" in {info['generation_s'] / 60:.1f} min ({torch.get_num_threads()} threads)" if info["generated"] else ""
+    print(f"SynthER: {info['count']:,} transitions in {info['path']}{took}")
+
+
+if __name__ == "__main__":
+    main()

@@ -65,7 +65,7 @@ lane2() {
 # pretrained model, so its lane starts at once; the other lane pretrains first.
 SIM=(--rollout-states simulator)
 REPLAY=(--rollout-states simulator-replay)
-ladder_models() {  # the committed models every run of the ladder uses (results/models-cpu/README.md)
+committed_models() {  # the committed CPU models (results/models-cpu/README.md): the ladder's ensemble and reward model, SynthER
   if [[ -d "results/models-cpu/$ENV_ID" ]]; then mkdir -p "$FOLDER"; cp -n "results/models-cpu/$ENV_ID"/*.pt "$FOLDER"/; fi
 }
 wait_for_ladder_models() {  # lane 2 makes them where none are committed
@@ -76,7 +76,7 @@ wait_for_ladder_models() {  # lane 2 makes them where none are committed
 # with true rewards, at the paper's rollout volume: B_r 2,048 every 500 steps, a 2M-transition buffer).
 VOLUME=(--rollout-batch-size 2048 --synthetic-buffer-size 2000000)
 ladder1() {
-  ladder_models
+  committed_models
   run sim-true 1 "${SIM[@]}" --rollout-rewards simulator
   wait_for_ladder_models
   run replay-cond 1 "${REPLAY[@]}" --stored-actions conditioning; run sim-true 2 "${SIM[@]}" --rollout-rewards simulator
@@ -86,7 +86,7 @@ ladder1() {
 }
 
 ladder2() {
-  ladder_models
+  committed_models
   $PY pretrain_models.py "${PRETRAIN[@]}" --models dynamics reward  # the ladder uses no DM
   run sim-model 1 "${SIM[@]}"; run simstates 2 "${REPLAY[@]}"; run sim-model 2 "${SIM[@]}"
   run sim-model 3 "${SIM[@]}"; run simstates 3 "${REPLAY[@]}"
@@ -108,18 +108,22 @@ d4rl_size2() {
   run base-4m 2 --no-dydiff
 }
 
-# SynthER (docs/scripts.md, "SynthER"): the CPU-size model (a 0.45M-parameter residual MLP, 40k steps), then its
-# 5M transitions (SynthER's count, with 32 sampler steps instead of its 128: on a briefly trained CPU model of this task
-# the same one-step error, wall share and reward error at a quarter of the cost), generated once by the first run
-# (about 1.3 h of one core) and read by the others, then TD3+BC on them alone (SynthER's offline setting) at the same
-# protocol as the other arms; the RUN array's rollout flags go unused.
-# Two lanes: lane 1 pretrains and generates; lane 2 waits for the transitions, then trains on them too.
+# SynthER (docs/scripts.md, "SynthER"): the CPU-size model (a 0.45M-parameter residual MLP, 40k steps; committed in
+# results/models-cpu, so pretraining keeps it), then its 5M transitions (SynthER's count, with 32 sampler steps instead
+# of its 128: on a briefly trained CPU model of this task the same one-step error, wall share and reward error at a
+# quarter of the cost), generated once with both threads before the runs (python -m common.synther) and read by every
+# run, then TD3+BC on them alone (SynthER's offline setting) at the same protocol as the other arms; the RUN array's
+# rollout flags go unused. Lane 1 pretrains if needed and generates while lane 2 waits, then both train.
 SYNTHER=(--augment synther --synther-samples 5000000 --synther-sampler-steps 32)
 synther1() {
+  committed_models
   $PY pretrain_models.py "${PRETRAIN[@]}" --models synther --synther-sampler-steps 32  # keeps a finished model
+  OMP_NUM_THREADS=2 $PY -m common.synther "$ENV_ID" --models-dir "$MODELS" --dataset-steps "$DATA_STEPS" --offline \
+    --synther-samples 5000000 --synther-sampler-steps 32
   run synther 1 "${SYNTHER[@]}"; run synther 3 "${SYNTHER[@]}"
 }
 synther2() {
+  committed_models
   until compgen -G "$FOLDER/synther_samples_*" > /dev/null; do echo "waiting for lane 1's SynthER transitions"; sleep 120; done
   run synther 2 "${SYNTHER[@]}"
 }

@@ -332,3 +332,23 @@ def test_results_name_the_arms_and_give_the_paper_s_values():
     assert paper_score("maze2d-large", "fixed-goal", "TD3+BC + SynthER-f") == "87 ± 29"
     assert paper_score("maze2d-medium", "fixed-goal", "Diffusion-QL + SynthER") == "17 ± 4"
     assert paper_score("maze2d-large", "goal-conditioned", "TD3+BC + SynthER") == "—"
+
+
+def test_the_transitions_can_be_generated_ahead_of_the_runs(synther_models, capsys):
+    """python -m common.synther: the runs' cache, made before them; made once; a folder without SynthER in one line."""
+    folder, _ = synther_models
+    flags = ["maze2d-umaze", "--models-dir", str(folder), "--dataset-steps", "10000", "--synther-sampler-steps", "4"]
+    synther.main([*flags, "--synther-samples", "300", "--cpu"])
+    out = capsys.readouterr().out
+    path = folder / "maze2d-umaze" / "synther_samples_300_N4.pt"
+    assert "generating 300 transitions" in out and f"300 transitions in {path} in " in out
+    cached = load_checkpoint(path)
+    assert cached["rows"].shape == (300, 2 * 4 + 2 + 2) and torch.isfinite(cached["rows"]).all()
+    synther.main([*flags, "--synther-samples", "300", "--cpu"])  # again: read, not generated
+    assert "300 transitions read from" in capsys.readouterr().out
+    assert torch.equal(load_checkpoint(path)["rows"], cached["rows"])
+    with pytest.raises(SystemExit, match="synther.pt"):
+        synther.main(["maze2d-umaze", "--models-dir", str(folder / "none"), "--dataset-steps", "10000", "--cpu"])
+    with pytest.raises(SystemExit):
+        synther.main([*flags, "--synther-samples", "0"])
+    assert "--synther-samples 0: give a positive number" in capsys.readouterr().err
