@@ -293,3 +293,34 @@ def test_the_evaluation_length_is_the_registration_s_unless_given(fixed, tmp_pat
     assert fixed.make_eval_envs(1, 1000).envs[0].spec.max_episode_steps == 1000
     out = run_script("dydiff_td3bc.py", "--env-id", "maze2d-umaze", "--eval-max-steps", "0", check=False)
     assert out.returncode != 0 and "--eval-max-steps must be >= 1, got 0" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_draft_gap_compares_one_policy_s_rollouts_three_ways(fixed, tiny_models, tmp_path, capsys):
+    """experiments/draft_gap.py: one fixed policy from the same start states, closed loop, the ensemble's draft replayed,
+    the draft itself; one well-formed row per run folder, a folder without a final policy refused."""
+    import importlib.util
+
+    from script_runs import ROOT
+
+    spec = importlib.util.spec_from_file_location("draft_gap", ROOT / "experiments" / "draft_gap.py")
+    draft_gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(draft_gap)
+    torch.manual_seed(0)
+    actor = draft_gap.Actor(fixed.obs_dim, fixed.action_dim, 1.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    args = dict(env_id="maze2d-umaze", dataset_steps=10_000, rollout_length=16, filter_proportion=0.6)
+    stats = dict(obs_mean=torch.zeros(fixed.obs_dim), obs_std=torch.ones(fixed.obs_dim))
+    torch.save(dict(actor=actor.state_dict(), args=args, **stats), run / "final_policy.pt")
+    draft_gap.main([str(run), "--models-dir", str(tiny_models), "--starts", "64"])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:2] == ["run", "None"] and len(cells) == 7
+    for cell in cells[2:5]:  # return, share reaching the goal
+        ret, share = cell.split(", ")
+        assert float(ret) >= 0 and 0 <= float(share.rstrip("%")) <= 100
+    assert all(float(x) >= 0 for x in cells[5].split(", "))
+    assert float(cells[6]) > 0  # a policy acts differently at the replayed states than at the drafted ones
+    (run / "final_policy.pt").unlink()
+    with pytest.raises(SystemExit, match="final_policy.pt is missing"):
+        draft_gap.main([str(run), "--models-dir", str(tiny_models)])
