@@ -7,14 +7,16 @@ the policy that learned from them. Here the policy is fixed (a finished run's fi
 states, so what differs is the rollout alone:
 
 - closed loop: the policy acting in the real simulator, each action chosen at the true state (rungs a, b);
-- draft, replayed: the ensemble rolls the policy out, the simulator replays those actions from s_0 (rungs c, d);
-- draft: the ensemble's own states (what M = 0 stores).
+- draft: the ensemble's own states (what M = 0 stores);
+- draft replayed, M rounds: the rounds of a perfect DM. Each replays the current actions from s_0 in the simulator
+  and relabels them with the policy; the first round's states are what rungs c and d store. After M rounds the first
+  M + 1 states are the closed-loop ones exactly, so M = L - 1 rounds give the policy's own rollout.
 
-For each: the task's true return of the L-step trajectories (with the run's own filter ranking by it, the return of
-the kept ones), the share reaching the goal, and for the replay the relabelling gap: how far the policy's action at
-each replayed state is from the action the state came from (what rung d stores instead).
+For each: the task's true return of the L-step trajectories, the share reaching the goal, the mean return of the
+best 60 % (what the filter keeps, ranking by the true return here), and for the rounds the relabelling gap: how far
+the policy's action at each replayed state is from the action that state came from.
 
-    python experiments/draft_gap.py runs/<run>/ [more run folders] --models-dir models-cpu [--starts 2048]
+    python experiments/draft_gap.py runs/<run>/ [more run folders] --models-dir models-cpu [--rounds 1 2 4 8]
 
 The runs must be PointMaze TD3+BC runs; their data and the dynamics ensemble in --models-dir are loaded as the runs
 had them. Prints one table row per run and writes nothing.
@@ -48,15 +50,24 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", type=Path, help="finished run folders (with final_policy.pt)")
     p.add_argument("--models-dir", default="models-cpu", help="where the runs' dynamics ensemble is")
     p.add_argument("--starts", type=int, default=2048, help="start states drawn from the dataset")
+    p.add_argument("--rounds", type=int, nargs="+", default=[1, 2, 4, 8], help="M: replay-and-relabel rounds to show")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if min(args.rounds) < 1:
+        p.error("--rounds: give numbers of rounds, each at least 1")
     torch.set_grad_enabled(False)
+    rounds = sorted(set(args.rounds))
     print(
-        "| run | final score | closed loop: return, reaching the goal | draft replayed: return, reaching the goal "
-        "| draft (ensemble states): return, reaching the goal | top 60 % by true return: closed loop, replayed "
-        "| relabelling gap ‖π(s_t) − a_t‖ (replayed) |"
+        "| run | final score | closed loop | draft (ensemble states) | "
+        + " | ".join(f"draft replayed, M = {m}" for m in rounds)
+        + " |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---" * (4 + len(rounds)) + "|")
+    print(
+        "| | | return, reaching the goal, top 60 % | the same | "
+        + " | ".join("the same, relabelling gap" for _ in rounds)
+        + " |"
+    )
     cache = {}
     for run in args.runs:
         policy_file = run / "final_policy.pt"
@@ -85,21 +96,25 @@ def main(argv=None):
         idx = torch.randint(len(obs), (args.starts,), generator=gen)
         s0, context = obs[idx, :S], obs[idx, S:]
         eta = run_args.get("filter_proportion") or 0.6
+
+        def cell(states, gap=None):
+            m = measure(states, data, context, eta)
+            return f"{m['ret']:.2f}, {m['goal']:.0%}, {m['kept']:.2f}" + ("" if gap is None else f", {gap:.2f}")
+
         closed_states, _ = simulator.rollout(policy, s0, L, context=context)
-        draft_states, draft_actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
-        replayed = simulator.replay(s0, draft_actions)
-        relabelled = policy(torch.cat([replayed, context[:, None].expand(-1, L, -1)], -1).reshape(-1, data.obs_dim))
-        gap = (relabelled.reshape(-1, L, A)[:, :-1] - draft_actions[:, :-1]).norm(dim=-1).mean().item()
-        closed = measure(closed_states, data, context, eta)
-        rep = measure(replayed, data, context, eta)
-        dra = measure(draft_states, data, context, eta)
+        states, actions = dynamics.rollout(policy, s0, L, context=context, generator=gen)
+        cells = [cell(closed_states), cell(states)]
+        for m in range(1, rounds[-1] + 1):  # a perfect DM's rounds: replay the actions, then relabel them
+            conditioning = actions
+            states = simulator.replay(s0, conditioning)
+            obs_m = torch.cat([states, context[:, None].expand(-1, L, -1)], -1).reshape(-1, data.obs_dim)
+            actions = policy(obs_m).reshape(-1, L, A)
+            if m in rounds:
+                gap = (actions[:, :-1] - conditioning[:, :-1]).norm(dim=-1).mean().item()
+                cells.append(cell(states, gap))
         result = json.loads((run / "result.json").read_text()) if (run / "result.json").exists() else {}
         final = result.get("final_normalized_score")
-        print(
-            f"| {run.name} | {final if final is None else f'{final:.1f}'} "
-            f"| {closed['ret']:.2f}, {closed['goal']:.0%} | {rep['ret']:.2f}, {rep['goal']:.0%} "
-            f"| {dra['ret']:.2f}, {dra['goal']:.0%} | {closed['kept']:.2f}, {rep['kept']:.2f} | {gap:.3f} |"
-        )
+        print(f"| {run.name} | {'—' if final is None else f'{final:.1f}'} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

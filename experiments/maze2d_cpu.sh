@@ -73,7 +73,8 @@ wait_for_ladder_models() {  # lane 2 makes them where none are committed
 }
 # The order makes each session's two runs per lane (about 1 h 15 min each, one thread beside the other lane) a
 # balanced step: seed 1 of every rung first, then seeds 2 and 3, then rung e (the best rung, real on-policy rollouts
-# with true rewards, at the paper's rollout volume: B_r 2,048 every 500 steps, a 2M-transition buffer).
+# with true rewards, at the paper's rollout volume: B_r 2,048 every 500 steps, a 2M-transition buffer), then c with
+# ten rounds of the perfect DM (experiments/draft_gap.py: ten rounds recover most of what one round loses).
 VOLUME=(--rollout-batch-size 2048 --synthetic-buffer-size 2000000)
 ladder1() {
   committed_models
@@ -83,6 +84,7 @@ ladder1() {
   run sim-true 3 "${SIM[@]}" --rollout-rewards simulator; run replay-cond 2 "${REPLAY[@]}" --stored-actions conditioning
   run replay-cond 3 "${REPLAY[@]}" --stored-actions conditioning
   run sim-true-volume 1 "${SIM[@]}" --rollout-rewards simulator "${VOLUME[@]}"
+  run simstates-m10 1 "${REPLAY[@]}" --num-iterations 10
 }
 
 ladder2() {
@@ -91,10 +93,11 @@ ladder2() {
   run sim-model 1 "${SIM[@]}"; run simstates 2 "${REPLAY[@]}"; run sim-model 2 "${SIM[@]}"
   run sim-model 3 "${SIM[@]}"; run simstates 3 "${REPLAY[@]}"
   run sim-true-volume 2 "${SIM[@]}" --rollout-rewards simulator "${VOLUME[@]}"
+  run simstates-m10 2 "${REPLAY[@]}" --num-iterations 10
 }
 
 # The base on D4RL maze2d-large-v1's size (4M steps; the default of maze2d-large) beside the 1M base: does the data
-# size move it? Lane 1 generates the data (about 6 min), lane 2 waits for it.
+# size move it? Lane 1 generates the data (14 min beside two runs), lane 2 waits for it.
 d4rl_size1() {
   DATA_STEPS=4000000
   $PY -m common.datasets "$ENV_ID" --dataset-steps "$DATA_STEPS" --offline

@@ -312,15 +312,16 @@ def test_the_draft_gap_compares_one_policy_s_rollouts_three_ways(fixed, tiny_mod
     args = dict(env_id="maze2d-umaze", dataset_steps=10_000, rollout_length=16, filter_proportion=0.6)
     stats = dict(obs_mean=torch.zeros(fixed.obs_dim), obs_std=torch.ones(fixed.obs_dim))
     torch.save(dict(actor=actor.state_dict(), args=args, **stats), run / "final_policy.pt")
-    draft_gap.main([str(run), "--models-dir", str(tiny_models), "--starts", "64"])
+    draft_gap.main([str(run), "--models-dir", str(tiny_models), "--starts", "64", "--rounds", "15", "1"])
     row = capsys.readouterr().out.strip().splitlines()[-1]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:2] == ["run", "None"] and len(cells) == 7
-    for cell in cells[2:5]:  # return, share reaching the goal
-        ret, share = cell.split(", ")
-        assert float(ret) >= 0 and 0 <= float(share.rstrip("%")) <= 100
-    assert all(float(x) >= 0 for x in cells[5].split(", "))
-    assert float(cells[6]) > 0  # a policy acts differently at the replayed states than at the drafted ones
+    assert cells[:2] == ["run", "—"] and len(cells) == 6  # closed loop, draft, M = 1, M = 15
+    closed, draft, m1, m15 = (c.split(", ") for c in cells[2:])
+    for c in (closed, draft, m1, m15):
+        assert float(c[0]) >= 0 and 0 <= float(c[1].rstrip("%")) <= 100 and float(c[2]) >= float(c[0])
+    assert float(m1[3]) > 0  # after one round the policy acts differently at the replayed states
+    # L - 1 = 15 rounds of a perfect DM are the closed-loop rollout itself: the same states, so the same figures
+    assert m15[:3] == closed and float(m15[3]) < 1e-5
     (run / "final_policy.pt").unlink()
     with pytest.raises(SystemExit, match="final_policy.pt is missing"):
         draft_gap.main([str(run), "--models-dir", str(tiny_models)])
