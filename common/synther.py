@@ -32,6 +32,7 @@ SIGMA_DATA = 1.0  # ElucidatedDiffusion.sigma_data (config/resmlp_denoiser.gin):
 SAMPLER = dict(S_churn=80.0, S_min=0.05, S_max=50.0, S_noise=1.003)
 TERMINAL_THRESHOLD = 0.5  # split_diffusion_samples.terminal_threshold: a generated terminal > 0.5 is a terminal
 SAMPLE_BATCH = 100_000  # SimpleDiffusionGenerator.sample_batch_size: transitions generated per sampler call
+CPU_SAMPLE_BATCH = 10_000  # on a CPU: 1,712 transitions/s against 995 in calls of 100,000 (2 threads, the CPU model)
 GENERATION_SEED = 0  # train_diffuser.py's --seed: one set of samples per model, read by every RL seed
 CHECK_TRANSITIONS = 10_000  # generated transitions checked against the real simulator (report and training runs)
 EMA_EVERY, EMA_AFTER, EMA_POWER = 10, 100, 2 / 3  # ema_pytorch.EMA as SynthER's Trainer makes it (update_every=10)
@@ -262,7 +263,7 @@ def load_or_generate(args, data, device) -> tuple[dict, dict]:
         print(f"SynthER: generating {n:,} transitions ({steps} sampler steps) into {path}")
         t0, cpu0 = time.time(), time.process_time()
         gen = torch.Generator(device=device).manual_seed(GENERATION_SEED)
-        rows = generate(denoiser, normalizer, n, steps, gen)
+        rows = generate(denoiser, normalizer, n, steps, gen, batch=SAMPLE_BATCH if device.type == "cuda" else CPU_SAMPLE_BATCH)
         info.update(generated=True, generation_s=time.time() - t0, generation_cpu_s=time.process_time() - cpu0)
         atomic_save(dict(info, rows=rows, fingerprint=data.fingerprint), path)
     if not torch.isfinite(rows).all():
