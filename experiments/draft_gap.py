@@ -81,10 +81,11 @@ def main(argv=None):
             if data.task != "pointmaze":
                 raise SystemExit(f"{run}: {run_args['env_id']} is not PointMaze; the draft gap needs its simulator")
             dynamics = load_dynamics(models_folder(args.models_dir, run_args["env_id"]), data)
-            cache[key] = data, dynamics, BatchedSimulator(data.make_eval_env())
-        data, dynamics, simulator = cache[key]
+            env = data.make_eval_env()
+            cache[key] = data, dynamics, BatchedSimulator(env), float(env.action_space.high[0])
+        data, dynamics, simulator, max_action = cache[key]
         S, A, L = data.state_dim, data.action_dim, run_args["rollout_length"]
-        actor = Actor(data.obs_dim, A, float(data.make_eval_env().action_space.high[0]))
+        actor = Actor(data.obs_dim, A, max_action)
         actor.load_state_dict(saved["actor"])
         mean, std = saved["obs_mean"], saved["obs_std"]
 
