@@ -16,6 +16,7 @@ Ctrl-C or a kill (SIGINT, SIGTERM) ends a run with one line: what is kept and th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -56,6 +57,17 @@ def stop_on_signals(message) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM wait until the block ends (then the handler runs as usual)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def parse_args(cls, argv=None):
@@ -230,7 +242,9 @@ class Run:
         args, start = self.args, time.time()
         said = not on_cpu
         steps = range(self.start_step, args.total_steps)
-        for step in tqdm(steps, initial=self.start_step, total=args.total_steps, desc=self.name, mininterval=5.0, smoothing=0):
+        with signals_held():  # a Ctrl-C inside tqdm's constructor would leave a half-made bar that errs when collected
+            bar = tqdm(steps, initial=self.start_step, total=args.total_steps, desc=self.name, mininterval=5.0, smoothing=0)
+        for step in bar:
             if not said and time.time() - start >= measure_s and step > self.start_step:
                 said = True
                 hours = (args.total_steps - step) * (time.time() - start) / (step - self.start_step) / 3600

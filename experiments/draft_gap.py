@@ -45,6 +45,7 @@ def measure(states, data, context, keep_share: float) -> dict:
     return dict(ret=returns.mean().item(), goal=(rewards.max(1).values > 0).float().mean().item(), kept=kept.mean().item())
 
 
+@torch.no_grad()  # evaluation only; a decorator, so grad mode is back on when main returns (tests call it)
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="finished run folders (with final_policy.pt)")
@@ -55,7 +56,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if min(args.rounds) < 1:
         p.error("--rounds: give numbers of rounds, each at least 1")
-    torch.set_grad_enabled(False)
     rounds = sorted(set(args.rounds))
     print(
         "| run | final score | closed loop | draft (ensemble states) | "

@@ -51,6 +51,18 @@ def pytest_configure(config):
     os.environ["DYDIFF_TEST_DEVICE"] = device
 
 
+@pytest.fixture(autouse=True)
+def grad_mode_stays_on():
+    """A test that leaves torch's grad mode off (torch.set_grad_enabled(False) in code it calls) fails here, by name,
+    instead of every later test that trains."""
+    import torch
+
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the code under test switched torch's grad mode off and left it off: use torch.no_grad() instead")
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny pretrained models for maze2d-umaze (10k generated steps, L = 16), made once per test run."""
