@@ -61,7 +61,11 @@ TINY = [
 
 
 SCRIPTS = ["dydiff_td3bc.py", "dydiff_cql.py", "dydiff_diffql.py"]
-EXTRA = {"dydiff_cql.py": ["--batch-size", "32", "--cql-n-actions", "2"]}  # keeps CQL's tiny runs short
+# keep the tiny runs of CQL and Diffusion-QL short (Diffusion-QL: a smaller batch, fewer action samples per evaluation step)
+EXTRA = {
+    "dydiff_cql.py": ["--batch-size", "32", "--cql-n-actions", "2"],
+    "dydiff_diffql.py": ["--batch-size", "32", "--eval-samples", "4"],
+}
 
 
 def tiny(script, models, runs, *args):
