@@ -13,7 +13,7 @@ import h5py
 import mujoco
 import numpy as np
 import pytest
-from script_runs import DEVICE_FLAG, MODEL_FLAGS, metrics, nested, run_script
+from script_runs import DEVICE_FLAG, EXTRA, MODEL_FLAGS, metrics, nested, run_script
 
 from common import d4rl, pointmaze
 from common.checkpoints import atomic_save, load_model_file
@@ -522,8 +522,7 @@ def test_td3bc_with_dydiff_on_a_hopper_medium_replay_file(hopper_file, tmp_path)
 @pytest.mark.parametrize("script", ["dydiff_cql.py", "dydiff_diffql.py"])
 def test_cql_and_diffql_train_on_a_maze2d_file(maze2d_file, tmp_path, script):
     path, _ = maze2d_file
-    extra = ["--batch-size", "32", "--cql-n-actions", "2"] if script == "dydiff_cql.py" else []
-    run_script(script, *_tiny_run(path, tmp_path / "models", tmp_path / "runs", "--no-dydiff", *extra))
+    run_script(script, *_tiny_run(path, tmp_path / "models", tmp_path / "runs", "--no-dydiff", *EXTRA.get(script, [])))
     run = next((tmp_path / "runs").glob("maze2d-umaze-sparse-v1__*"))
     assert json.loads((run / "result.json").read_text())["total_steps"] == 60
 
