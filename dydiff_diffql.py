@@ -187,6 +187,9 @@ class Args:
     """transitions SynthER generates once before training (SynthER: 5M), cached beside its model"""
     synther_sampler_steps: int = 128
     """Heun steps of SynthER's sampler (SynthER: 128)"""
+    synther_next_states: Literal["model", "simulator"] = "model"
+    """ablation: each generated (s, a)'s s', reward and terminal as generated, or from the real simulator stepped
+    once and the task's reward (SynthER with perfect dynamics; PointMaze only, reads the simulator)"""
 
 
 # (eta, grad_norm) of Diffusion-QL's main.py `hyperparameters` (the -v2 Gym locomotion datasets).

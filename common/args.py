@@ -1,6 +1,6 @@
 """The checks of the arguments that the three training scripts share (each adds its own)."""
 
-SYNTHER_FLAGS = ("--synther-samples", "--synther-sampler-steps")  # what only --augment synther reads
+SYNTHER_FLAGS = ("--synther-samples", "--synther-sampler-steps", "--synther-next-states")  # what only --augment synther reads
 
 
 def settle_augment(args, argv) -> None:

@@ -17,7 +17,7 @@ or `--table FILE`. Runs on the two maze2d tasks (fixed-goal, goal-conditioned) n
 An arm is one algorithm with one setting: the base algorithm (`--no-dydiff`), DyDiff with M
 refinement iterations, M = 0 (dynamics-ensemble rollouts only), an ablation (`--rollout-states`,
 `--stored-actions`, `--rollout-rewards`), or the paper's baseline SynthER (`--augment synther`; SynthER-f with its
-filter); runs of one arm at different B_r (SynthER: different sample counts) are arms of their own. `--ladder FILE`
+filter; its ablation `--synther-next-states simulator`); runs of one arm at different B_r (SynthER: different sample counts) are arms of their own. `--ladder FILE`
 draws the ablations' ladder: each arm's final score and mean of all evaluations, every seed shown, the base as a line.
 """
 
@@ -109,7 +109,8 @@ def arm_name(args: dict) -> str:
     algo = next((name for key, name in ALGO_NAMES.items() if script.startswith(key)), script)
     if args.get("augment") == "synther":
         filtered = {"none": "", "softmax": "-f"}.get(args.get("filter", "none"), f"-f ({args.get('filter')})")
-        return f"{algo} + SynthER{filtered}"
+        perfect = ", simulator next states" if args.get("synther_next_states", "model") == "simulator" else ""
+        return f"{algo} + SynthER{filtered}{perfect}"
     if not args.get("dydiff", True):
         return algo
     m = args.get("num_iterations")
@@ -207,6 +208,7 @@ def summarize_run(run_dir: Path) -> dict:
                 "augment",
                 "synther_samples",
                 "synther_sampler_steps",
+                "synther_next_states",
                 "filter",
                 "filter_proportion",
             )

@@ -268,8 +268,35 @@ def load_or_generate(args, data, device) -> tuple[dict, dict]:
         atomic_save(dict(info, rows=rows, fingerprint=data.fingerprint), path)
     if not torch.isfinite(rows).all():
         raise SystemExit(f"the SynthER samples in {path} hold NaN or inf; delete them and the model and pretrain again")
-    samples = {k: v.to(device) for k, v in split_rows(rows, data.obs_dim, data.action_dim).items()}
-    return samples, info
+    samples = split_rows(rows, data.obs_dim, data.action_dim)
+    if getattr(args, "synther_next_states", "model") == "simulator":
+        samples = simulator_next_states(data, samples)
+        info["next_states"] = "simulator"
+    return {k: v.to(device) for k, v in samples.items()}, info
+
+
+def simulator_next_states(data, samples: dict, chunk: int = 100_000) -> dict:
+    """Ablation (`--synther-next-states simulator`): SynthER with perfect dynamics and reward. Each generated (s, a)
+    is kept; its s' becomes the real simulator stepped once from it, its reward the task's reward on arriving there,
+    its terminal the task's rule (PointMaze never terminates). It reads the simulator, so it is not offline RL: it
+    bounds what a SynthER without dynamics or reward errors can give. PointMaze only."""
+    from common.pointmaze import BatchedSimulator, goal_reward
+
+    if data.task != "pointmaze":
+        raise SystemExit(f"--synther-next-states simulator steps the PointMaze simulator; {data.env_id} is not PointMaze")
+    S = data.state_dim
+    obs, actions = samples["obs"].double().numpy(), samples["actions"].numpy()
+    env = data.make_eval_env()
+    simulator = BatchedSimulator(env)
+    real = np.concatenate([simulator.step(obs[i : i + chunk, :S], actions[i : i + chunk]) for i in range(0, len(obs), chunk)])
+    env.close()
+    goal = data.goal if data.goal is not None else obs[:, S : S + 2]  # the fixed goal, or each transition's own
+    next_obs = np.concatenate([real, obs[:, S:]], axis=1)  # the goal part of the observation is unchanged
+    out = dict(samples)
+    out["next_obs"] = torch.as_tensor(next_obs, dtype=samples["next_obs"].dtype)
+    out["rewards"] = torch.as_tensor(goal_reward(real[:, :2], goal, data.dense_reward), dtype=samples["rewards"].dtype)
+    out["dones"] = torch.zeros_like(samples["dones"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

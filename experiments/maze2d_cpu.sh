@@ -9,6 +9,7 @@
 #   bash experiments/maze2d_cpu.sh ladder         # the ladder of ablations (docs/results.md), both lanes
 #   bash experiments/maze2d_cpu.sh d4rl-size      # the base on D4RL maze2d-large-v1's size (4M steps), three seeds
 #   bash experiments/maze2d_cpu.sh synther        # the paper's baseline, SynthER: its CPU model, then 3 seeds, both lanes
+#   bash experiments/maze2d_cpu.sh synther-perfect  # SynthER with the simulator's next states and rewards, one lane
 #
 # Logs in $RUNS/lane{1,2}.log. Each lane runs its jobs one after the other with one torch thread, so the two lanes
 # share two cores (two one-thread runs made 1.2x more steps per second in all than one two-thread run). Run it again
@@ -131,6 +132,15 @@ synther2() {
   run synther 2 "${SYNTHER[@]}"
 }
 
+# SynthER with perfect dynamics and reward (--synther-next-states simulator): the same generated (s, a), each s' and
+# reward from the real simulator. Does SynthER fall behind the base through its transitions' errors, or through which
+# (s, a) it samples? One lane, seed 1 (after `synther`, whose transitions it reads).
+synther_perfect() {
+  committed_models
+  until compgen -G "$FOLDER/synther_samples_*" > /dev/null; do echo "waiting for the SynthER transitions"; sleep 120; done
+  run synther-simnext 1 "${SYNTHER[@]}" --synther-next-states simulator
+}
+
 start() {  # start LANE_A LANE_B: both lanes in the background
   mkdir -p "$OUT"
   setsid nohup bash "$0" "$1" > "$OUT/$1.log" 2>&1 &
@@ -151,5 +161,6 @@ case "${1:-both}" in
   synther1) synther1 ;;
   synther2) synther2 ;;
   synther) start synther1 synther2 ;;
-  *) echo "usage: [ENV_ID=...] [RUNS=...] bash $0 [1|2|both|ladder1|ladder2|ladder|d4rl-size1|d4rl-size2|d4rl-size|synther1|synther2|synther]" >&2; exit 2 ;;
+  synther-perfect) synther_perfect ;;
+  *) echo "usage: [ENV_ID=...] [RUNS=...] bash $0 [1|2|both|ladder1|ladder2|ladder|d4rl-size1|d4rl-size2|d4rl-size|synther1|synther2|synther|synther-perfect]" >&2; exit 2 ;;
 esac

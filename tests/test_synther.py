@@ -142,6 +142,32 @@ def test_the_checks_find_real_transitions_true_and_shuffled_ones_false(fixed):
     env.close()
 
 
+def test_the_simulator_s_next_states_make_every_transition_true_and_keep_s_and_a(fixed):
+    """--synther-next-states simulator (the ablation: SynthER with perfect dynamics and reward): s' from the real
+    simulator, the task's reward on arriving there, no terminal; the generated s and a untouched."""
+    rng = np.random.default_rng(0)
+    rows = torch.as_tensor(rng.permutation(fixed.size)[:3000])
+    real = dict(
+        obs=torch.as_tensor(fixed.observations)[rows], actions=torch.as_tensor(fixed.actions)[rows],
+        rewards=torch.as_tensor(fixed.rewards)[rows], next_obs=torch.as_tensor(fixed.next_observations)[rows],
+        dones=torch.zeros(len(rows)),
+    )  # fmt: skip
+    wrong = dict(real, next_obs=real["next_obs"][torch.randperm(len(rows))], rewards=1.0 - real["rewards"])
+    wrong["dones"] = torch.ones(len(rows))
+    fixed_up = synther.simulator_next_states(fixed, wrong, chunk=1000)  # three calls of the simulator
+    assert fixed_up["obs"] is wrong["obs"] and fixed_up["actions"] is wrong["actions"]
+    assert {k: v.dtype for k, v in fixed_up.items()} == {k: v.dtype for k, v in wrong.items()}
+    env = fixed.make_eval_env()
+    checks = synther.transition_checks(fixed, env, fixed_up, n=3000, seed=0)
+    env.close()
+    assert checks["synther/one_step_error"] < 1e-6 and checks["synther/reward_abs_error"] < 1e-6
+    assert checks["synther/wall_crossing_share"] == 0.0 and checks["synther/terminal_share"] == 0.0
+    assert torch.allclose(fixed_up["next_obs"], real["next_obs"], atol=1e-4)  # the dataset's own next states
+    assert torch.equal(fixed_up["rewards"], real["rewards"])
+    with pytest.raises(SystemExit, match="--synther-next-states simulator steps the PointMaze simulator; hopper-medium"):
+        synther.simulator_next_states(SimpleNamespace(task="hopper", env_id="hopper-medium"), wrong)
+
+
 # ----------------------------------------------------------------------------- pretraining: file, fingerprint, report
 def test_pretraining_makes_synther_s_file_with_its_fingerprint_and_report(synther_models, fixed):
     folder, out = synther_models
@@ -210,6 +236,19 @@ def test_each_script_trains_on_synther_s_transitions_alone(script, synther_model
     assert "checked against the real simulator" in out.stdout
 
 
+def test_synther_with_the_simulator_s_next_states_trains_on_true_transitions(synther_models, tmp_path):
+    folder, _ = synther_models
+    flags = ("--exp-name", "dydiff_td3bc-perfect", "--total-steps", "30", "--eval-freq", "30", *RUN)
+    flags += ("--synther-next-states", "simulator")
+    run_script("dydiff_td3bc.py", *tiny("dydiff_td3bc.py", folder, tmp_path, *flags))
+    run_dir = next(tmp_path.glob("*perfect__*"))
+    assert arm_name(json.loads((run_dir / "args.json").read_text())) == "TD3+BC + SynthER, simulator next states"
+    report = json.loads((run_dir / "synther_report.json").read_text())
+    assert report["next_states"] == "simulator" and report["synther/transitions"] == 2000
+    assert report["synther/one_step_error"] < 1e-6 and report["synther/reward_abs_error"] < 1e-6
+    assert report["synther/one_step_error_copy"] > 1e-4  # the generated s and a are kept: the states still move
+
+
 def test_synther_f_keeps_eta_and_a_resumed_run_trains_on_the_same_transitions(tmp_path):
     """SynthER-f on a models folder without SynthER (made first, from the nested flags), run uninterrupted and in two
     sittings: the same kept transitions, the same training."""
@@ -264,6 +303,7 @@ def test_the_synther_code_is_the_same_text_in_the_three_scripts():
         (["--augment", "synther", "--no-dydiff"], "--no-dydiff is --augment none, and --augment is synther"),
         (["--synther-samples", "100"], "--synther-samples set SynthER's transitions, and --augment is dydiff"),
         (["--no-dydiff", "--synther-sampler-steps", "8"], "and --augment is none: add --augment synther"),
+        (["--synther-next-states", "simulator"], "--synther-next-states set SynthER's transitions, and --augment is dydiff"),
         (["--filter", "none"], "--filter none is for --augment synther"),
         (["--augment", "synther", "--synther-samples", "0"], "--synther-samples must be >= 1"),
         (["--augment", "synther", "--filter", "softmax", "--synther-samples", "1"], "keeps no transition"),
@@ -303,7 +343,7 @@ def test_a_run_from_before_augment_resumes_as_its_arm(dydiff, tmp_path):
     from dydiff_cql import Args
 
     saved = json.loads(json.dumps(asdict(Args(dydiff=dydiff, num_iterations=1))))  # as args.json holds it
-    for key in ("augment", "synther_samples", "synther_sampler_steps"):
+    for key in ("augment", "synther_samples", "synther_sampler_steps", "synther_next_states"):
         del saved[key]
     for key in [k for k in saved["pretrain"] if k.startswith("synther_")]:
         del saved["pretrain"][key]
