@@ -17,8 +17,9 @@ or `--table FILE`. Runs on the two maze2d tasks (fixed-goal, goal-conditioned) n
 An arm is one algorithm with one setting: the base algorithm (`--no-dydiff`), DyDiff with M
 refinement iterations, M = 0 (dynamics-ensemble rollouts only), an ablation (`--rollout-states`,
 `--stored-actions`, `--rollout-rewards`), or the paper's baseline SynthER (`--augment synther`; SynthER-f with its
-filter; its ablation `--synther-next-states simulator`); runs of one arm at different B_r (SynthER: different sample counts) are arms of their own. `--ladder FILE`
-draws the ablations' ladder: each arm's final score and mean of all evaluations, every seed shown, the base as a line.
+filter; its ablation `--synther-next-states simulator`); runs of one arm at different B_r (SynthER: different
+sample counts) are arms of their own. `--ladder FILE` draws the ablations' ladder: each arm's final score and mean
+of all evaluations, every seed shown, the base as a line.
 """
 
 from __future__ import annotations
