@@ -134,11 +134,12 @@ synther2() {
 
 # SynthER with perfect dynamics and reward (--synther-next-states simulator): the same generated (s, a), each s' and
 # reward from the real simulator. Does SynthER fall behind the base through its transitions' errors, or through which
-# (s, a) it samples? One lane, seed 1 (after `synther`, whose transitions it reads).
+# (s, a) it samples? One lane, seeds 1 and 2 (after `synther`, whose transitions it reads).
 synther_perfect() {
   committed_models
   until compgen -G "$FOLDER/synther_samples_*" > /dev/null; do echo "waiting for the SynthER transitions"; sleep 120; done
   run synther-simnext 1 "${SYNTHER[@]}" --synther-next-states simulator
+  run synther-simnext 2 "${SYNTHER[@]}" --synther-next-states simulator
 }
 
 start() {  # start LANE_A LANE_B: both lanes in the background
